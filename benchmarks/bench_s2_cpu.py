@@ -5,8 +5,8 @@ roll-with-wrap S2 (which leaks future tokens; timed only to show leak-free costs
 End to end: one training step of a 4-layer Llama (hidden 256, 8 heads), S2 vs SDPA, with peak memory measured
 in a fresh subprocess per case.
 
-    python benchmarks/bench_s2_cpu.py                       # everything (about 10 minutes on 2 cores)
-    python benchmarks/bench_s2_cpu.py --kernel 4096 8192 --model 8192
+    python benchmarks/bench_s2_cpu.py                       # everything (about 20 minutes on 2 cores)
+    python benchmarks/bench_s2_cpu.py --kernel 4096 8192 --model 8192 --vocab 259
 """
 
 from __future__ import annotations
@@ -150,7 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--model", type=int, nargs="*", default=[8192, 16384])
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary of the end-to-end Llama (Llama-2's)")
+    parser.add_argument(
+        "--vocab", type=int, nargs="+", default=[259, 32000], help="vocabularies of the end-to-end Llama (bytes, Llama-2's)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -160,10 +162,11 @@ def main() -> None:
         row = kernel_case(n, args.repeats if n < 32768 else 1)
         results["kernel"].append(row)
         print("kernel", json.dumps(row), flush=True)
-    for n in args.model:
-        row = model_case(n, args.repeats, args.vocab)
-        results["model"].append(row)
-        print("model ", json.dumps(row), flush=True)
+    for vocab in args.vocab:
+        for n in args.model:
+            row = model_case(n, args.repeats, vocab)
+            results["model"].append(row)
+            print("model ", json.dumps(row), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
