@@ -233,14 +233,14 @@ def s2_attention_forward(
 
 
 def check_model_supports_s2(model: PreTrainedModel) -> None:
-    """Raise ValueError, naming the model type, when a model cannot train with S2-Attn."""
+    """Raise ValueError, naming the model type, when a model cannot train with S2-Attn (asks the plugins)."""
+    from .plugins import get_plugin_manager
+
     config = model.config
     model_type = getattr(config, "model_type", type(model).__name__)
-    if not type(model)._can_set_attn_implementation():
-        raise ValueError(
-            f"s2_attention is not available for model_type '{model_type}' ({type(model).__name__}): its attention "
-            "layers do not use transformers' generic attention interface, so they would ignore S2-Attn."
-        )
+    support = get_plugin_manager().hook.longlora_s2_support(model=model)
+    if support is not None and not support.supported:
+        raise ValueError(f"s2_attention is not available for model_type '{model_type}' ({type(model).__name__}): {support.reason}")
     s2_settings(config)
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads < 1 or heads % kv_heads):

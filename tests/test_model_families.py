@@ -163,3 +163,43 @@ def test_configure_s2_validates_and_sets():
     with pytest.raises(ValueError, match="s2_shift must be True or False, got 'no'"):
         longlora_plugin.configure_s2(model, shift="no")
     assert model.config.s2_shift is False  # a refused change leaves the config as it was
+
+
+def test_head_sets_that_cut_through_kv_groups_match_reference():
+    """6 query heads over 3 KV heads: the unshifted half (heads 0-2) ends inside KV group 1."""
+    model, reference = build_pair(
+        "llama", REFERENCE, hidden_size=96, num_attention_heads=6, num_key_value_heads=3, head_dim=16
+    )
+    input_ids, mask, labels = padded_batch(model.config.vocab_size)
+    model.train()
+    reference.train()
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    expected = reference(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(logits[mask.bool()], expected[mask.bool()], atol=2e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = tiny_config("llama", s2_group_size=GROUP_SIZE)
+    input_ids, mask, labels = padded_batch(config.vocab_size)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=S2_ATTENTION).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_training_with_the_default_kv_cache_still_uses_s2(monkeypatch):
+    """A model in train mode defaults to use_cache=True; the first forward's query and keys are equally long."""
+    import longlora_plugin.attention as attention
+
+    calls = []
+    real = attention.s2_attention
+    monkeypatch.setattr(attention, "s2_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", s2_group_size=4), attn_implementation=S2_ATTENTION)
+    model.train()(input_ids=torch.randint(3, 90, (2, 12)))
+    assert len(calls) == model.config.num_hidden_layers

@@ -1,0 +1,205 @@
+"""A LongLoRA model's life cycle: prepare a base model, save the adapter, reload it, merge it into a plain HF model.
+
+Everything a saved adapter needs travels in its folder: the LoRA weights and the fully trained embeddings and
+norms (peft's ``modules_to_save``), the ``LongLoraConfig`` (``adapter_config.json``), and ``longlora.json`` with
+the context extension (original and target length, the exact ``rope_parameters``) and the S2-Attn settings.
+Folders are written atomically: a save that is interrupted leaves no folder under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from peft import PeftModel, get_peft_model
+
+from .attention import S2_ATTENTION, configure_s2
+from .config import LongLoraConfig
+from .rope import extend_rope, refresh_rotary_embeddings
+
+__all__ = [
+    "LONGLORA_FILE",
+    "get_longlora_model",
+    "load_longlora",
+    "merge_longlora",
+    "read_longlora_settings",
+    "save_longlora",
+    "apply_longlora_settings",
+    "atomic_folder",
+    "check_modules_exist",
+]
+
+LONGLORA_FILE = "longlora.json"
+FORMAT_VERSION = 1
+
+
+@contextmanager
+def atomic_folder(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh staging folder next to ``destination``; on success it replaces ``destination`` by renames.
+
+    If the body raises (or the process dies) the destination keeps its previous content, and the staging folder,
+    named ``.<name>.partial-*``, is removed or left clearly partial.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if destination.exists() and not destination.is_dir():
+        raise ValueError(f"cannot save into {destination}: it exists and is not a folder")
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    try:
+        yield staging
+        previous = None
+        if destination.exists():
+            previous = destination.with_name(f".{destination.name}.previous-{staging.name.rsplit('-', 1)[-1]}")
+            os.replace(destination, previous)
+        os.replace(staging, destination)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _config_of(model: Any):
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base.config
+
+
+def apply_longlora_settings(model: torch.nn.Module, config: LongLoraConfig) -> None:
+    """Extend the context (if the config asks and the model is not extended yet) and switch on S2-Attn."""
+    model_config = model.config
+    if config.target_context is not None and model_config.max_position_embeddings != config.target_context:
+        extend_rope(
+            model,
+            config.target_context,
+            original_length=config.original_context,
+            rope_type=config.rope_type,
+            rounding=config.rope_rounding,  # type: ignore[arg-type]
+        )
+    settings = config.s2_settings()
+    configure_s2(model, group_size=settings.group_size, group_size_ratio=settings.group_size_ratio, shift=settings.shift)
+    if model_config._attn_implementation != S2_ATTENTION:
+        model.set_attn_implementation(S2_ATTENTION)
+
+
+def get_longlora_model(model: torch.nn.Module, config: LongLoraConfig | None = None, **config_kwargs: Any) -> PeftModel:
+    """Prepare a base causal LM for LongLoRA training and wrap it with peft.
+
+    Applies position interpolation (``original_context`` -> ``target_context``), sets S2-Attn, and resolves the
+    LoRA / embedding / norm modules from the model when the config was not built with ``for_model``.
+    """
+    if config is None:
+        config = LongLoraConfig.for_model(model, **config_kwargs)
+    elif config_kwargs:
+        raise ValueError(f"pass either a config or config keyword arguments, not both (got {sorted(config_kwargs)})")
+    check_modules_exist(model, config)
+    apply_longlora_settings(model, config)
+    return get_peft_model(model, config)
+
+
+def check_modules_exist(model: torch.nn.Module, config: LongLoraConfig) -> None:
+    """Every name in target_modules / modules_to_save must match a module of the model (peft's matching rules)."""
+    keys = [name for name, _ in model.named_modules() if name]
+    missing = []
+    if not isinstance(config.target_modules, str):
+        missing += [t for t in config.target_modules or () if not any(k == t or k.endswith("." + t) for k in keys)]
+    missing += [m for m in config.modules_to_save or () if not any(k.endswith(m) for k in keys)]
+    if missing:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(f"LongLoraConfig names modules that model_type '{model_type}' does not have: {sorted(missing)}")
+
+
+def _settings_record(model: PeftModel, config: LongLoraConfig) -> dict[str, Any]:
+    base_config = _config_of(model)
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_type": base_config.model_type,
+        "hidden_size": getattr(base_config, "hidden_size", None),
+        "num_hidden_layers": getattr(base_config, "num_hidden_layers", None),
+        "vocab_size": getattr(base_config, "vocab_size", None),
+        "original_context": config.original_context,
+        "target_context": config.target_context,
+        "max_position_embeddings": base_config.max_position_embeddings,
+        "rope_parameters": base_config.rope_parameters,
+        "s2": {
+            "group_size": getattr(base_config, "s2_group_size", None),
+            "group_size_ratio": getattr(base_config, "s2_group_size_ratio", 0.25),
+            "shift": getattr(base_config, "s2_shift", True),
+        },
+    }
+
+
+def save_longlora(model: PeftModel, folder: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Save the adapter (LoRA + embeddings + norms), its config and ``longlora.json`` atomically."""
+    if not isinstance(model, PeftModel) or not isinstance(model.peft_config.get("default"), LongLoraConfig):
+        raise ValueError(f"save_longlora needs a PeftModel made with a LongLoraConfig, got {type(model).__name__}")
+    config = model.peft_config["default"]
+    with atomic_folder(folder) as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        # Written last: a folder with this file is complete.
+        (staging / LONGLORA_FILE).write_text(json.dumps(_settings_record(model, config), indent=2))
+    return Path(folder)
+
+
+def read_longlora_settings(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / LONGLORA_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"{folder} is not a complete LongLoRA adapter folder: {LONGLORA_FILE} is missing "
+            "(an interrupted save, or not saved with save_longlora)"
+        )
+    record = json.loads(path.read_text())
+    if record.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {record.get('format_version')!r}; this version reads {FORMAT_VERSION}")
+    return record
+
+
+def _check_base_matches(base_config: Any, record: dict[str, Any], folder: Any) -> None:
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        have, want = getattr(base_config, key, None), record.get(key)
+        if want is not None and have != want:
+            raise ValueError(
+                f"the adapter in {folder} was trained on a base with {key}={want!r}, but this base has {key}={have!r}"
+            )
+
+
+def load_longlora(base_model: torch.nn.Module, folder: str | os.PathLike, *, is_trainable: bool = False) -> PeftModel:
+    """Load a LongLoRA adapter onto a fresh base model: the recorded RoPE extension, S2-Attn, then the weights."""
+    record = read_longlora_settings(folder)
+    base_config = base_model.config
+    _check_base_matches(base_config, record, folder)
+    base_config.rope_parameters = record["rope_parameters"]
+    base_config.max_position_embeddings = record["max_position_embeddings"]
+    refresh_rotary_embeddings(base_model)
+    s2 = record["s2"]
+    configure_s2(base_model, group_size=s2["group_size"], group_size_ratio=s2["group_size_ratio"], shift=s2["shift"])
+    base_model.set_attn_implementation(S2_ATTENTION)
+    config = LongLoraConfig.from_pretrained(str(folder))
+    return PeftModel.from_pretrained(base_model, str(folder), config=config, is_trainable=is_trainable)
+
+
+def merge_longlora(model: PeftModel, folder: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Merge the adapter into its base (in place) and write a plain HF model folder, atomically.
+
+    ``AutoModelForCausalLM.from_pretrained(folder)`` then loads it with full attention and with the extended
+    ``rope_parameters`` in its config.json. The S2-Attn settings are dropped from the merged config.
+    """
+    if not isinstance(model, PeftModel):
+        raise ValueError(f"merge_longlora needs a PeftModel, got {type(model).__name__}")
+    merged = model.merge_and_unload()
+    for key in ("s2_group_size", "s2_group_size_ratio", "s2_shift", "s2_backend"):
+        if hasattr(merged.config, key):
+            delattr(merged.config, key)
+    merged.set_attn_implementation("sdpa" if merged._supports_sdpa else "eager")
+    with atomic_folder(folder) as staging:
+        merged.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return Path(folder)
