@@ -134,13 +134,19 @@ def _settings_record(model: PeftModel, config: LongLoraConfig) -> dict[str, Any]
     }
 
 
-def save_longlora(model: PeftModel, folder: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """Save the adapter (LoRA + embeddings + norms), its config and ``longlora.json`` atomically."""
+def save_longlora(
+    model: PeftModel, folder: str | os.PathLike, tokenizer: Any = None, state_dict: dict | None = None
+) -> Path:
+    """Save the adapter (LoRA + embeddings + norms), its config and ``longlora.json`` atomically.
+
+    ``state_dict``: a full, gathered state dict (e.g. ``accelerator.get_state_dict(model)`` under DeepSpeed ZeRO-3,
+    where each rank holds only shards); the adapter's tensors are taken from it.
+    """
     if not isinstance(model, PeftModel) or not isinstance(model.peft_config.get("default"), LongLoraConfig):
         raise ValueError(f"save_longlora needs a PeftModel made with a LongLoraConfig, got {type(model).__name__}")
     config = model.peft_config["default"]
     with atomic_folder(folder) as staging:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         # Written last: a folder with this file is complete.

@@ -48,6 +48,51 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train import main as train_main
+
+    return train_main([args.recipe, *args.overrides])
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .adapter import load_longlora, merge_longlora
+
+    base = AutoModelForCausalLM.from_pretrained(args.base, dtype="auto")
+    model = load_longlora(base, args.adapter)
+    tokenizer = None
+    for source in (args.adapter, args.base):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            break
+        except (OSError, ValueError):
+            continue
+    merge_longlora(model, args.output, tokenizer=tokenizer)
+    print(f"merged model written to {args.output}")
+    return 0
+
+
+def _eval_passkey(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluation import load_for_eval, passkey_lengths
+    from .data.passkey import passkey_accuracy
+
+    model, tokenizer = load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    results = {
+        length: passkey_accuracy(model, encode, length, args.trials, seed=args.seed, intro="")
+        for length in passkey_lengths(args.min_length, args.max_length, args.interval)
+    }
+    for length, accuracy in results.items():
+        print(f"passkey @ {length:6d} tokens: {accuracy:.2%}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"passkey": results}, f, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longlora", description="LongLoRA for the Hugging Face stack.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +105,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     info = commands.add_parser("info", help="show the attention name, model families, plugins and versions")
     info.set_defaults(run=_info)
+
+    train = commands.add_parser(
+        "train", help="train from a recipe (YAML) with TRL's SFTTrainer", description="Overrides: --section.key value"
+    )
+    train.add_argument("recipe", help="path to a recipe YAML file")
+    train.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs, e.g. --training.max_steps 10")
+    train.set_defaults(run=_train)
+
+    merge = commands.add_parser("merge", help="merge a LongLoRA adapter into its base and write a plain HF model")
+    merge.add_argument("--base", required=True, help="base model: hub name or local folder")
+    merge.add_argument("--adapter", required=True, help="adapter folder written by training (has longlora.json)")
+    merge.add_argument("--output", required=True, help="folder for the merged model")
+    merge.set_defaults(run=_merge)
+
+    evaluate = commands.add_parser("eval", help="evaluate a base, adapter or merged model with full attention")
+    tasks = evaluate.add_subparsers(dest="task", required=True)
+    passkey = tasks.add_parser("passkey", help="passkey retrieval, greedy exact match, at lengths on an interval")
+    passkey.add_argument("--model", required=True, help="base or merged model (hub name or folder)")
+    passkey.add_argument("--adapter", help="a LongLoRA adapter folder to load onto --model")
+    passkey.add_argument("--tokenizer", help="tokenizer name or folder; 'bytes' for the byte tokenizer")
+    passkey.add_argument("--min-length", type=int, default=1024)
+    passkey.add_argument("--max-length", type=int, required=True)
+    passkey.add_argument("--interval", type=int, default=1024)
+    passkey.add_argument("--trials", type=int, default=20)
+    passkey.add_argument("--seed", type=int, default=0)
+    passkey.add_argument("--output", help="write the results as JSON here")
+    passkey.set_defaults(run=_eval_passkey)
     return parser
 
 

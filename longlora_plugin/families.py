@@ -9,6 +9,7 @@ whose class name ends in "Attention".
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -42,8 +43,11 @@ class FamilyInfo:
 
 @dataclass(frozen=True)
 class DatasetFormat:
+    """A data format a recipe can name. ``prepare(recipe, tokenizer)`` returns the dataset SFTTrainer trains on."""
+
     name: str
     required_fields: tuple[str, ...]
+    prepare: Callable[[Any, Any], Any]
     description: str = ""
     optional_fields: tuple[str, ...] = field(default_factory=tuple)
 

@@ -13,9 +13,17 @@ import os
 import pluggy
 
 from . import hookspecs
+from .data.formats import BuiltinDatasetFormats
 from .families import BuiltinFamilies
 
-__all__ = ["ENTRY_POINT_GROUP", "PLUGINS_ENV_VAR", "get_plugin_manager", "installed_plugins", "reset_plugin_manager"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PLUGINS_ENV_VAR",
+    "dataset_formats",
+    "get_plugin_manager",
+    "installed_plugins",
+    "reset_plugin_manager",
+]
 
 ENTRY_POINT_GROUP = "longlora_plugin"
 PLUGINS_ENV_VAR = "LONGLORA_PLUGINS"
@@ -45,6 +53,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     manager.register(BuiltinFamilies(), name="longlora.builtin.families")
+    manager.register(BuiltinDatasetFormats(), name="longlora.builtin.dataset_formats")
     _load_entry_points(manager)
     manager.check_pending()
     return manager
@@ -53,6 +62,15 @@ def get_plugin_manager() -> pluggy.PluginManager:
 def reset_plugin_manager() -> None:
     """Forget the plugin manager, so that the next call loads plugins again (after changing the env var)."""
     get_plugin_manager.cache_clear()
+
+
+def dataset_formats() -> dict:
+    """Every dataset format the loaded plugins offer, by name (a later plugin's format wins a name clash)."""
+    formats = {}
+    for offered in reversed(get_plugin_manager().hook.longlora_dataset_formats()):
+        for data_format in offered:
+            formats[data_format.name] = data_format
+    return formats
 
 
 def installed_plugins() -> list[dict[str, str]]:

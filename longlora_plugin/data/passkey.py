@@ -7,7 +7,15 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["PasskeySample", "make_passkey_sample", "PASSKEY_INTRO", "PASSKEY_FILLER", "PASSKEY_QUESTION"]
+__all__ = [
+    "PASSKEY_FILLER",
+    "PASSKEY_INTRO",
+    "PASSKEY_QUESTION",
+    "PasskeySample",
+    "make_passkey_sample",
+    "passkey_accuracy",
+    "passkey_batch",
+]
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -37,6 +45,7 @@ def make_passkey_sample(
     *,
     depth: float | None = None,
     digits: int = 5,
+    intro: str = PASSKEY_INTRO,
 ) -> PasskeySample:
     """A sample of about ``length`` tokens (prompt + answer) under ``encode``; shorter filler if it must.
 
@@ -46,7 +55,7 @@ def make_passkey_sample(
     depth = rng.random() if depth is None else depth
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth!r}")
-    intro, needle, question = encode(PASSKEY_INTRO), encode(PASSKEY_NEEDLE.format(key=key)), encode(PASSKEY_QUESTION)
+    intro, needle, question = encode(intro), encode(PASSKEY_NEEDLE.format(key=key)), encode(PASSKEY_QUESTION)
     answer = encode(key)
     budget = length - len(intro) - len(needle) - len(question) - len(answer)
     if budget < 0:
@@ -56,3 +65,68 @@ def make_passkey_sample(
     cut = round(depth * len(filler))
     prompt = intro + filler[:cut] + needle + filler[cut:] + question
     return PasskeySample(prompt_ids=prompt, answer_ids=answer, key=key, depth=depth)
+
+
+def passkey_batch(
+    encode: Callable[[str], list[int]],
+    length: int,
+    batch_size: int,
+    rng: random.Random,
+    *,
+    answer_only_loss: bool = True,
+    intro: str = PASSKEY_INTRO,
+):
+    """A (B, length) batch of passkey samples of exactly ``length`` tokens, with labels for causal-LM training.
+
+    Labels are -100 everywhere but the answer when ``answer_only_loss`` (the retrieval is what is learned).
+    Returns (input_ids, labels, answer_start) as tensors; answer_start is where the key's tokens begin.
+    """
+    import torch
+
+    rows, labels, starts = [], [], []
+    for _ in range(batch_size):
+        sample = make_passkey_sample(encode, length, rng, intro=intro)
+        ids = sample.prompt_ids + sample.answer_ids
+        ids = ids + ids[-1:] * (length - len(ids))  # the filler is cut at token level, so this is rare
+        row_labels = [-100] * len(sample.prompt_ids) + sample.answer_ids if answer_only_loss else list(ids)
+        row_labels = row_labels + [-100] * (length - len(row_labels))
+        rows.append(ids[:length])
+        labels.append(row_labels[:length])
+        starts.append(len(sample.prompt_ids))
+    return torch.tensor(rows), torch.tensor(labels), torch.tensor(starts)
+
+
+def passkey_accuracy(
+    model,
+    encode: Callable[[str], list[int]],
+    length: int,
+    trials: int,
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    intro: str = PASSKEY_INTRO,
+) -> float:
+    """Exact-match accuracy of greedy decoding, computed teacher-forced in one pass per batch.
+
+    Greedy decoding reproduces the key exactly iff the argmax at every answer position is the key's next token, so
+    checking all answer positions at once is the same test as decoding token by token.
+    """
+    import torch
+
+    rng = random.Random(seed)
+    correct = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        done = 0
+        while done < trials:
+            n = min(batch_size, trials - done)
+            input_ids, labels, _ = passkey_batch(encode, length, n, rng, intro=intro)
+            logits = model(input_ids=input_ids).logits  # (B, S, V)
+            predicted = logits[:, :-1].argmax(-1)  # prediction for token t + 1
+            targets = labels[:, 1:]
+            answer = targets != -100
+            correct += int(((predicted == targets) | ~answer).all(dim=1).sum())
+            done += n
+    model.train(was_training)
+    return correct / trials
