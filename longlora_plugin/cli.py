@@ -11,7 +11,10 @@ __all__ = ["main"]
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(steps=args.steps, seq_len=args.seq_len, speed_lengths=tuple(args.speed_lengths))
+    overrides = {"training.max_steps": args.steps} if args.steps is not None else {}
+    if args.output_dir:
+        overrides["training.output_dir"] = args.output_dir
+    run_demo(overrides=overrides, trials=args.trials, speed_lengths=tuple(args.speed_lengths))
     return 0
 
 
@@ -96,11 +99,14 @@ def _eval_passkey(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longlora", description="LongLoRA for the Hugging Face stack.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a tiny Llama with S2-Attn on CPU and time S2 against SDPA")
-    demo.add_argument("--steps", type=int, default=150, help="training steps (default: 150)")
-    demo.add_argument("--seq-len", type=int, default=512, help="training length in tokens (default: 512)")
+    demo = commands.add_parser(
+        "demo", help="extend a tiny Llama 4x with LongLoRA on CPU, evaluate passkey retrieval, plot, time S2 vs SDPA"
+    )
+    demo.add_argument("--steps", type=int, help="training steps (default: the demo recipe's)")
+    demo.add_argument("--trials", type=int, default=40, help="passkey trials per length (default: 40)")
+    demo.add_argument("--output-dir", help="where the adapter, results and plot go (default: runs/demo)")
     demo.add_argument(
-        "--speed-lengths", type=int, nargs="+", default=[4096, 8192], help="lengths to time one step at (default: 4096 8192)"
+        "--speed-lengths", type=int, nargs="*", default=[8192], help="lengths to time one training step at (default: 8192)"
     )
     demo.set_defaults(run=_demo)
     info = commands.add_parser("info", help="show the attention name, model families, plugins and versions")

@@ -220,4 +220,9 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     if not path.is_file():
         raise ValueError(f"no recipe file at {path}")
     raw = _read_yaml(path.read_text()) or {}
-    return recipe_from_dict(apply_overrides(raw, overrides or {}), source=str(path))
+    raw = apply_overrides(raw, overrides or {})
+    for section, key in (("model", "name_or_path"), ("model", "tokenizer"), ("data", "path")):
+        value = (raw.get(section) or {}).get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (path.parent / value).exists():
+            raw[section][key] = str(path.parent / value)  # paths next to the recipe travel with it
+    return recipe_from_dict(raw, source=str(path))

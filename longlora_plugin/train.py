@@ -64,7 +64,7 @@ def build_trainer(recipe: Recipe):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from .adapter import get_longlora_model
+    from .adapter import apply_longlora_settings, check_modules_exist
     from .attention import S2_ATTENTION
     from .config import LongLoraConfig
     from .plugins import dataset_formats
@@ -75,6 +75,13 @@ def build_trainer(recipe: Recipe):
     training = {**PAPER_DEFAULTS, **recipe.training}
     training.setdefault("output_dir", "runs/longlora")
     _check_output_dir(training["output_dir"])
+    # Before the model: under DeepSpeed ZeRO-3 the arguments switch on partitioned loading in from_pretrained.
+    args = SFTConfig(
+        **training,
+        max_length=recipe.context.target,
+        packing=recipe.data.packing,
+        padding_free=recipe.data.packing,
+    )
     tokenizer = load_tokenizer(recipe)
     dataset = formats[recipe.data.format].prepare(recipe, tokenizer)  # validates every record before training
 
@@ -101,14 +108,11 @@ def build_trainer(recipe: Recipe):
     )
     if lora.target_modules is not None:
         config_kwargs["target_modules"] = lora.target_modules
-    model = get_longlora_model(model, LongLoraConfig.for_model(model, **config_kwargs))
-    args = SFTConfig(
-        **training,
-        max_length=recipe.context.target,
-        packing=recipe.data.packing,
-        padding_free=recipe.data.packing,
-    )
-    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    config = LongLoraConfig.for_model(model, **config_kwargs)
+    check_modules_exist(model, config)
+    apply_longlora_settings(model, config)  # position interpolation and S2-Attn on the base
+    # TRL wraps the model with peft itself, which it does in the way DeepSpeed ZeRO-3 needs.
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=config)
 
 
 def train(recipe: Recipe):

@@ -1,0 +1,120 @@
+"""Launch configs under integrations/, and real multi-process / DeepSpeed runs of a recipe on CPU."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from families import tiny_config
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCELERATE_CONFIGS = sorted((ROOT / "integrations" / "accelerate").glob("*.yaml"))
+DEEPSPEED_CONFIGS = sorted((ROOT / "integrations" / "deepspeed").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=[p.stem for p in ACCELERATE_CONFIGS])
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value in {"NO", "MULTI_GPU", "FSDP", "DEEPSPEED"}
+    if config.distributed_type.value == "DEEPSPEED":
+        ds_file = ROOT / config.deepspeed_config["deepspeed_config_file"]
+        assert ds_file in DEEPSPEED_CONFIGS
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_CONFIGS, ids=[p.stem for p in DEEPSPEED_CONFIGS])
+def test_deepspeed_configs_are_valid_json_for_the_trainer(path):
+    config = json.loads(path.read_text())
+    zero = config["zero_optimization"]
+    assert zero["stage"] in (2, 3)
+    assert config["train_micro_batch_size_per_gpu"] == "auto" and config["gradient_accumulation_steps"] == "auto"
+    if zero["stage"] == 3:
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+@pytest.fixture(scope="module")
+def launch_setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("launch")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=259, max_position_embeddings=64)).save_pretrained(
+        folder / "base"
+    )
+    records = [{"instruction": f"Echo {i}.", "output": f"echo {i} " * (1 + i % 4)} for i in range(16)]
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def write_recipe(setup: Path, name: str) -> Path:
+    recipe = {
+        "model": {"name_or_path": str(setup / "base"), "tokenizer": "bytes", "dtype": "float32"},
+        "context": {"original": 64, "target": 256},
+        "s2": {"group_size": 64},
+        "data": {"format": "longalpaca", "path": str(setup / "data.jsonl"), "too_long": "truncate"},
+        "training": {
+            "output_dir": str(setup / name),
+            "max_steps": 3,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-2,
+            "bf16": False,
+            "gradient_checkpointing": False,
+            "save_strategy": "no",
+            "logging_steps": 1,
+            "seed": 0,
+            "data_seed": 0,
+        },
+    }
+    path = setup / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def launch(args: list[str], **env) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **env}
+    command = [sys.executable, "-m", "accelerate.commands.launch", *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def adapter_tensors(setup: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(setup / name / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_of_the_sft_recipe(launch_setup):
+    recipe = write_recipe(launch_setup, "ddp")
+    launch(["--multi_gpu", "--num_processes", "2", "-m", "longlora_plugin.train", str(recipe)], ACCELERATE_USE_CPU="1")
+    tensors = adapter_tensors(launch_setup, "ddp")
+    assert any("lora_A" in k for k in tensors) and any("embed_tokens" in k for k in tensors)
+
+
+deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (pip install '.[deepspeed]')")
+
+
+@pytest.mark.slow
+@deepspeed
+def test_deepspeed_zero2_run_saves_real_trained_embeddings_and_norms(launch_setup):
+    recipe = write_recipe(launch_setup, "zero2")
+    config = ROOT / "integrations" / "deepspeed" / "zero2.json"
+    launch(
+        ["--use_deepspeed", "--deepspeed_config_file", str(config), "--num_processes", "1",
+         "-m", "longlora_plugin.train", str(recipe)],
+        ACCELERATE_USE_CPU="1",
+    )
+    tensors = adapter_tensors(launch_setup, "zero2")
+    saved_modules = {k: v for k, v in tensors.items() if "lora_" not in k}
+    assert any("embed_tokens" in k for k in saved_modules) and any("norm" in k for k in saved_modules)
+    assert all(v.numel() > 0 for v in tensors.values())
+    base = AutoModelForCausalLM.from_pretrained(launch_setup / "base")
+    embedding = next(v for k, v in saved_modules.items() if "embed_tokens" in k)
+    assert embedding.shape == base.get_input_embeddings().weight.shape
+    assert not torch.equal(embedding, base.get_input_embeddings().weight)  # trained, not the base's copy
