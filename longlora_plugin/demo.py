@@ -1,50 +1,98 @@
-"""The embedded default, ``longlora demo``: LongLoRA extends a tiny byte-level Llama 4x on a CPU, with no downloads.
+"""The embedded default: a tiny Llama trained with S2-Attn on CPU, then one training step timed S2 vs SDPA.
 
-1. the short-context base (recipes/demo/base, 256 tokens, trained by recipes/demo/make_base.py) is evaluated on
-   passkey retrieval with full attention at lengths up to the target (1024);
-2. so is the base with position interpolation (factor 4) and no fine-tuning;
-3. the recipe recipes/demo/passkey-tiny-cpu.yaml extends the base with LongLoRA (S2-Attn, LoRA, trainable
-   embeddings and norms, position interpolation) through the same training entry point as every recipe;
-4. the extended model is evaluated like the others; a table is printed and a PNG plot written.
-Last, one training step at 8k tokens is timed with S2-Attn and with full SDPA on the demo model.
+No downloads: the text is the Python standard library's own source, read byte by byte.
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
-__all__ = ["DEMO_RECIPE", "DemoResult", "plot_passkey", "run_demo", "time_training_step"]
+from .attention import S2_ATTENTION
 
+__all__ = ["DemoResult", "byte_corpus", "tiny_llama", "train_s2", "time_training_step", "run_demo"]
 
-def _recipes_dir() -> Path:
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "recipes", package.parent / "recipes"):
-        if (candidate / "demo").is_dir():
-            return candidate
-    raise FileNotFoundError("the demo recipe was not found next to the package; run from a checkout of the repository")
+BYTE_OFFSET = 3  # ids 0, 1, 2 are pad, bos, eos; byte b is id b + 3
 
 
-DEMO_RECIPE = "demo/passkey-tiny-cpu.yaml"
+def byte_corpus(num_bytes: int) -> torch.Tensor:
+    """The first num_bytes of the standard library's .py files (sorted by path), as token ids."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= num_bytes:
+            break
+    data = b"".join(chunks)[:num_bytes]
+    if len(data) < num_bytes:
+        raise RuntimeError(f"the standard library at {root} holds only {len(data)} bytes of .py source")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long() + BYTE_OFFSET
+
+
+def tiny_llama(
+    attn_implementation: str = S2_ATTENTION,
+    *,
+    hidden_size: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 8192,
+    seed: int = 0,
+    **s2_config,
+):
+    config = LlamaConfig(
+        vocab_size=256 + BYTE_OFFSET,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **s2_config,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
 
 @dataclass
 class DemoResult:
-    accuracy: dict[str, dict[int, float]]  # model label -> length -> passkey accuracy
-    train_seconds: float
+    losses: list[float]
+    eval_loss: float
     speed: dict[int, tuple[float, float]]  # seq_len -> (S2 seconds, SDPA seconds) for one training step
-    plot: Path | None
+
+
+def train_s2(model, corpus: torch.Tensor, *, steps: int, seq_len: int, batch_size: int, lr: float = 3e-3, seed: int = 0):
+    """Plain AdamW next-token training on random windows of the corpus; returns the loss per step."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        starts = torch.randint(0, corpus.numel() - seq_len, (batch_size,), generator=generator)
+        batch = torch.stack([corpus[s : s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
 
 
 def time_training_step(model, seq_len: int, repeats: int = 2) -> float:
     """Best wall time of a forward + backward over one (1, seq_len) batch, after one warm-up step."""
     model.train()
-    batch = torch.randint(3, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    batch = torch.randint(BYTE_OFFSET, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
@@ -55,91 +103,29 @@ def time_training_step(model, seq_len: int, repeats: int = 2) -> float:
     return min(times)
 
 
-def plot_passkey(accuracy: dict[str, dict[int, float]], path: Path, *, trained_length: int, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for label, by_length in accuracy.items():
-        lengths = sorted(by_length)
-        axes.plot(lengths, [100 * by_length[n] for n in lengths], marker="o", label=label)
-    axes.axvline(trained_length, color="grey", linestyle=":", linewidth=1)
-    axes.set_xlabel("context length (tokens)")
-    axes.set_ylabel("passkey accuracy (%)")
-    axes.set_ylim(-5, 105)
-    axes.set_title(title)
-    axes.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
-
-
-def run_demo(*, overrides: dict | None = None, trials: int = 40, speed_lengths: tuple[int, ...] = (8192,), log=print) -> DemoResult:
-    from transformers import AutoModelForCausalLM
-
-    from .data.passkey import passkey_accuracy
-    from .recipe import load_recipe
-    from .rope import extend_rope
-    from .train import load_tokenizer, train
-
-    recipe = load_recipe(_recipes_dir() / DEMO_RECIPE, overrides)
-    original, target = recipe.context.original, recipe.context.target
-    tokenizer = load_tokenizer(recipe)
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    lengths = list(range(original, target + 1, original))
-
-    def evaluate(model) -> dict[int, float]:
-        return {n: passkey_accuracy(model, encode, n, trials, seed=1234, intro="") for n in lengths}
-
-    def load_base():
-        return AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=torch.float32)
-
-    accuracy: dict[str, dict[int, float]] = {}
-    log(f"base model: {recipe.model.name_or_path} ({original}-token context); passkey, {trials} trials per length")
-    accuracy[f"base ({original})"] = evaluate(load_base())
-    interpolated = load_base()
-    factor = extend_rope(interpolated, target, original_length=original)
-    accuracy[f"position interpolation x{factor:g}, no fine-tuning"] = evaluate(interpolated)
-
-    steps = recipe.training.get("max_steps")
-    log(f"LongLoRA: {original} -> {target} tokens, S2-Attn G={recipe.group_size}, LoRA r={recipe.lora.r} + "
-        f"embeddings + norms, {steps} steps of batch {recipe.training.get('per_device_train_batch_size')}")
-    start = time.perf_counter()
-    trainer = train(recipe)
-    train_seconds = time.perf_counter() - start
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    if losses:
-        log("  training loss: " + ", ".join(f"{loss:.3f}" for loss in losses))
-    extended = trainer.model.eval()
-    accuracy[f"LongLoRA ({target})"] = evaluate(extended)
-    log(f"  trained in {train_seconds:.0f}s; adapter in {Path(trainer.args.output_dir) / 'adapter'}")
-
-    header = f"{'model':44s}" + "".join(f"{n:>8d}" for n in lengths)
-    log("\npasskey retrieval accuracy (full attention, greedy exact match)")
-    log(header)
-    for label, by_length in accuracy.items():
-        log(f"{label:44s}" + "".join(f"{100 * by_length[n]:7.0f}%" for n in lengths))
-    output_dir = Path(trainer.args.output_dir)
-    plot = plot_passkey(
-        accuracy, output_dir / "passkey.png", trained_length=target, title=f"Tiny Llama, {original} -> {target} tokens"
-    )
-    (output_dir / "passkey.json").write_text(json.dumps({"lengths": lengths, "accuracy": accuracy, "trials": trials}, indent=2))
-    log(f"plot: {plot}")
-
+def run_demo(
+    *, steps: int = 150, seq_len: int = 512, batch_size: int = 4, speed_lengths: tuple[int, ...] = (4096, 8192), log=print
+) -> DemoResult:
+    corpus = byte_corpus(2_000_000)
+    train, held_out = corpus[:-200_000], corpus[-200_000:]
+    model = tiny_llama(s2_group_size_ratio=0.25)
+    log(f"tiny Llama: {sum(p.numel() for p in model.parameters()):,} parameters, attn_implementation={S2_ATTENTION}")
+    log(f"training {steps} steps at {seq_len} tokens (S2-Attn, group {seq_len // 4}) on stdlib source bytes")
+    losses = train_s2(model, train, steps=steps, seq_len=seq_len, batch_size=batch_size)
+    for step in range(0, steps, max(1, steps // 6)):
+        log(f"  step {step + 1:4d}  loss {losses[step]:.3f}")
+    log(f"  step {steps:4d}  loss {losses[-1]:.3f}")
+    model.eval()  # full causal attention at inference
+    with torch.no_grad():
+        batch = held_out[: 4 * seq_len].view(4, seq_len)
+        eval_loss = model(input_ids=batch, labels=batch).loss.item()
+    log(f"held-out loss with full attention (eval mode): {eval_loss:.3f}")
     speed = {}
-    s2_model = extended.get_base_model()
     for length in speed_lengths:
-        s2 = time_training_step(s2_model, length)
-        sdpa_model = copy.deepcopy(s2_model)
+        s2 = time_training_step(model, length)
+        sdpa_model = copy.deepcopy(model)
         sdpa_model.set_attn_implementation("sdpa")
         sdpa = time_training_step(sdpa_model, length)
         speed[length] = (s2, sdpa)
         log(f"one training step at {length} tokens: S2-Attn {s2:.2f}s, full SDPA {sdpa:.2f}s -> {sdpa / s2:.2f}x")
-    return DemoResult(accuracy=accuracy, train_seconds=train_seconds, speed=speed, plot=plot)
+    return DemoResult(losses=losses, eval_loss=eval_loss, speed=speed)

@@ -1,0 +1,22 @@
+"""The passkey demo runs end to end through the recipe machinery (a few steps; the full run is `longlora demo --passkey`)."""
+
+import json
+
+from longlora_plugin.passkey_demo import run_passkey_demo
+
+
+def test_passkey_demo_pipeline_writes_table_json_and_plot(tmp_path):
+    lines = []
+    result = run_passkey_demo(
+        overrides={"training.max_steps": 2, "data.num_samples": 16, "training.output_dir": str(tmp_path / "demo")},
+        trials=2,
+        speed_lengths=(),
+        log=lines.append,
+    )
+    assert set(result.accuracy) == {"base (256)", "position interpolation x4, no fine-tuning", "LongLoRA (1024)"}
+    assert all(set(by_length) == {256, 512, 768, 1024} for by_length in result.accuracy.values())
+    assert result.plot.is_file() and result.plot.stat().st_size > 1000
+    saved = json.loads((tmp_path / "demo" / "passkey.json").read_text())
+    assert saved["lengths"] == [256, 512, 768, 1024]
+    assert (tmp_path / "demo" / "adapter" / "longlora.json").is_file()
+    assert any("passkey retrieval accuracy" in line for line in lines)
