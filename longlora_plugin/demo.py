@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from .attention import S2_ATTENTION
 
-__all__ = ["DemoResult", "byte_corpus", "tiny_llama", "train_s2", "time_training_step", "run_demo"]
+__all__ = ["DemoResult", "byte_corpus", "compare_step_times", "run_demo", "time_training_step", "tiny_llama", "train_s2"]
 
 BYTE_OFFSET = 3  # ids 0, 1, 2 are pad, bos, eos; byte b is id b + 3
 
@@ -103,6 +103,18 @@ def time_training_step(model, seq_len: int, repeats: int = 2) -> float:
     return min(times)
 
 
+def compare_step_times(model, lengths, log=print) -> dict[int, tuple[float, float]]:
+    """One training step of ``model`` (set to S2-Attn) against a copy set to SDPA, per length: (S2 s, SDPA s)."""
+    speed = {}
+    sdpa_model = copy.deepcopy(model)
+    sdpa_model.set_attn_implementation("sdpa")
+    for length in lengths:
+        s2, sdpa = time_training_step(model, length), time_training_step(sdpa_model, length)
+        speed[length] = (s2, sdpa)
+        log(f"one training step at {length} tokens: S2-Attn {s2:.2f}s, full SDPA {sdpa:.2f}s -> {sdpa / s2:.2f}x")
+    return speed
+
+
 def run_demo(
     *, steps: int = 150, seq_len: int = 512, batch_size: int = 4, speed_lengths: tuple[int, ...] = (4096, 8192), log=print
 ) -> DemoResult:
@@ -120,12 +132,5 @@ def run_demo(
         batch = held_out[: 4 * seq_len].view(4, seq_len)
         eval_loss = model(input_ids=batch, labels=batch).loss.item()
     log(f"held-out loss with full attention (eval mode): {eval_loss:.3f}")
-    speed = {}
-    for length in speed_lengths:
-        s2 = time_training_step(model, length)
-        sdpa_model = copy.deepcopy(model)
-        sdpa_model.set_attn_implementation("sdpa")
-        sdpa = time_training_step(sdpa_model, length)
-        speed[length] = (s2, sdpa)
-        log(f"one training step at {length} tokens: S2-Attn {s2:.2f}s, full SDPA {sdpa:.2f}s -> {sdpa / s2:.2f}x")
+    speed = compare_step_times(model, speed_lengths, log)
     return DemoResult(losses=losses, eval_loss=eval_loss, speed=speed)

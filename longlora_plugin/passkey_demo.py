@@ -14,7 +14,6 @@ Last, one training step at 8k tokens is timed with S2-Attn and with full SDPA on
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass
@@ -71,7 +70,7 @@ def run_passkey_demo(*, overrides: dict | None = None, trials: int = 40, speed_l
     from transformers import AutoModelForCausalLM
 
     from .data.passkey import passkey_accuracy
-    from .demo import time_training_step
+    from .demo import compare_step_times
     from .recipe import load_recipe
     from .rope import extend_rope
     from .train import load_tokenizer, train
@@ -123,13 +122,5 @@ def run_passkey_demo(*, overrides: dict | None = None, trials: int = 40, speed_l
     (output_dir / "passkey.json").write_text(json.dumps({"lengths": lengths, "accuracy": accuracy, "trials": trials}, indent=2))
     log(f"plot: {plot}")
 
-    speed = {}
-    s2_model = extended.get_base_model()
-    for length in speed_lengths:
-        s2 = time_training_step(s2_model, length)
-        sdpa_model = copy.deepcopy(s2_model)
-        sdpa_model.set_attn_implementation("sdpa")
-        sdpa = time_training_step(sdpa_model, length)
-        speed[length] = (s2, sdpa)
-        log(f"one training step at {length} tokens: S2-Attn {s2:.2f}s, full SDPA {sdpa:.2f}s -> {sdpa / s2:.2f}x")
+    speed = compare_step_times(extended.get_base_model(), speed_lengths, log)
     return PasskeyDemoResult(accuracy=accuracy, train_seconds=train_seconds, speed=speed, plot=plot)
