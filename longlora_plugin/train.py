@@ -121,7 +121,12 @@ def train(recipe: Recipe):
 
     trainer = build_trainer(recipe)
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # gathers ZeRO-3 shards; every rank calls it
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    if trainer.accelerator.is_main_process:
+        stage = f", ZeRO stage {plugin.zero_stage}" if plugin is not None else ""
+        print(f"longlora: trained with {type(trainer.model_wrapped).__name__}{stage}", flush=True)
+    # The wrapped model (a DeepSpeed engine under ZeRO) gathers ZeRO-3 shards; every rank must call this.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if trainer.accelerator.is_main_process:
         save_longlora(
             trainer.accelerator.unwrap_model(trainer.model),

@@ -92,7 +92,10 @@ def adapter_tensors(setup: Path, name: str) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_two_process_gloo_run_of_the_sft_recipe(launch_setup):
     recipe = write_recipe(launch_setup, "ddp")
-    launch(["--multi_gpu", "--num_processes", "2", "-m", "longlora_plugin.train", str(recipe)], ACCELERATE_USE_CPU="1")
+    result = launch(
+        ["--multi_gpu", "--num_processes", "2", "-m", "longlora_plugin.train", str(recipe)], ACCELERATE_USE_CPU="1"
+    )
+    assert "longlora: trained with DistributedDataParallel" in result.stdout
     tensors = adapter_tensors(launch_setup, "ddp")
     assert any("lora_A" in k for k in tensors) and any("embed_tokens" in k for k in tensors)
 
@@ -102,19 +105,24 @@ deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, re
 
 @pytest.mark.slow
 @deepspeed
-def test_deepspeed_zero2_run_saves_real_trained_embeddings_and_norms(launch_setup):
-    recipe = write_recipe(launch_setup, "zero2")
-    config = ROOT / "integrations" / "deepspeed" / "zero2.json"
-    launch(
-        ["--use_deepspeed", "--deepspeed_config_file", str(config), "--num_processes", "1",
-         "-m", "longlora_plugin.train", str(recipe)],
-        ACCELERATE_USE_CPU="1",
-    )
-    tensors = adapter_tensors(launch_setup, "zero2")
-    saved_modules = {k: v for k, v in tensors.items() if "lora_" not in k}
+def test_deepspeed_zero3_saves_the_same_real_embeddings_and_norms_as_zero2(launch_setup):
+    # No ACCELERATE_USE_CPU here: it would make accelerate wrap the model in DDP instead of the DeepSpeed engine.
+    for stage in (2, 3):
+        recipe = write_recipe(launch_setup, f"zero{stage}")
+        config = ROOT / "integrations" / "deepspeed" / f"zero{stage}.json"
+        result = launch(
+            ["--use_deepspeed", "--deepspeed_config_file", str(config), "--num_processes", "1",
+             "-m", "longlora_plugin.train", str(recipe)],
+        )
+        assert f"longlora: trained with DeepSpeedEngine, ZeRO stage {stage}" in result.stdout
+    zero2, zero3 = adapter_tensors(launch_setup, "zero2"), adapter_tensors(launch_setup, "zero3")
+    assert zero2.keys() == zero3.keys()
+    saved_modules = [k for k in zero3 if "lora_" not in k]
     assert any("embed_tokens" in k for k in saved_modules) and any("norm" in k for k in saved_modules)
-    assert all(v.numel() > 0 for v in tensors.values())
     base = AutoModelForCausalLM.from_pretrained(launch_setup / "base")
-    embedding = next(v for k, v in saved_modules.items() if "embed_tokens" in k)
+    for key, tensor in zero3.items():
+        assert tensor.numel() > 0, f"{key} was saved empty under ZeRO-3"
+        torch.testing.assert_close(tensor, zero2[key], atol=1e-5, rtol=1e-4, msg=key)
+    embedding = next(zero3[k] for k in saved_modules if "embed_tokens" in k)
     assert embedding.shape == base.get_input_embeddings().weight.shape
     assert not torch.equal(embedding, base.get_input_embeddings().weight)  # trained, not the base's copy
