@@ -161,10 +161,12 @@ def test_padded_rows_equal_each_row_alone():
         assert batched[b, ~mask[b]].abs().max() == 0 if (~mask[b]).any() else True
 
 
-def test_fully_padded_batch_gives_zeros():
+def test_fully_padded_batch_gives_zeros_and_zero_gradients():
     q, k, v = random_qkv(2, 4, 2, 6)
     out = s2_attention(q, k, v, group_size=4, padding_mask=torch.zeros(2, 6, dtype=torch.bool))
     assert out.shape == (2, 6, 4, 8) and out.abs().max() == 0
+    out.sum().backward()
+    assert all(x.grad is not None and x.grad.abs().max() == 0 for x in (q, k, v))
 
 
 @pytest.mark.parametrize(

@@ -300,8 +300,9 @@ def s2_attention(
             device=query.device,
         )
     scaling = head_dim**-0.5 if scaling is None else scaling
-    if layout.num_tokens == 0:
-        return query.new_zeros(batch, seq_len, num_heads, head_dim)
+    if layout.num_tokens == 0:  # all padding: zeros that stay in the graph, so that backward still runs
+        anchor = (query.sum() + key.sum() + value.sum()) * 0
+        return query.new_zeros(batch, seq_len, num_heads, head_dim) + anchor
     ranges = _head_ranges(num_heads, group_size, shift)
     head_counts = [n for n, _ in ranges]
     attend_kwargs = dict(scaling=scaling, dropout=dropout, softcap=softcap, sliding_window=sliding_window)
