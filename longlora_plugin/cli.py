@@ -82,9 +82,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _eval_passkey(args: argparse.Namespace) -> int:
-    import json
-
-    from .evaluation import load_for_eval, passkey_lengths
+    from .eval import load_for_eval, passkey_lengths
     from .data.passkey import passkey_accuracy
 
     model, tokenizer = load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer)
@@ -96,8 +94,47 @@ def _eval_passkey(args: argparse.Namespace) -> int:
     for length, accuracy in results.items():
         print(f"passkey @ {length:6d} tokens: {accuracy:.2%}")
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"passkey": results}, f, indent=2)
+        _write_results(results, args.output, "passkey")
+    return 0
+
+
+def _write_results(results: dict, output: str, kind: str) -> None:
+    import csv
+    import json
+
+    if output.endswith(".csv"):
+        with open(output, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["length", kind])
+            writer.writerows(sorted(results.items()))
+    else:
+        with open(output, "w") as f:
+            json.dump({kind: results}, f, indent=2)
+
+
+def _eval_ppl(args: argparse.Namespace) -> int:
+    from types import SimpleNamespace
+
+    from .data.formats import load_records
+    from .eval import load_for_eval, perplexity_at_lengths, plot_perplexity
+
+    model, tokenizer = load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer)
+    data = SimpleNamespace(
+        path=args.data, split=args.split, max_records=args.max_records, format="text", text_field=args.text_field
+    )
+    documents = []
+    for index, record in enumerate(load_records(data)):
+        text = record.get(args.text_field)
+        if not isinstance(text, str):
+            raise ValueError(f"{args.data}: record {index} has no text field '{args.text_field}'")
+        documents.append(tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens])
+    results = perplexity_at_lengths(model, documents, args.lengths, args.stride, progress=not args.quiet)
+    for length, value in results.items():
+        print(f"perplexity @ {length:6d} tokens (stride {min(args.stride, length)}): {value:.4f}")
+    if args.output:
+        _write_results(results, args.output, "perplexity")
+    if args.plot:
+        plot_perplexity({args.adapter or args.model: results}, args.plot, title="sliding-window perplexity")
     return 0
 
 
@@ -143,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     passkey.add_argument("--seed", type=int, default=0)
     passkey.add_argument("--output", help="write the results as JSON here")
     passkey.set_defaults(run=_eval_passkey)
+    ppl = tasks.add_parser("ppl", help="sliding-window perplexity on long documents at several context lengths")
+    ppl.add_argument("--model", required=True, help="base or merged model (hub name or folder)")
+    ppl.add_argument("--adapter", help="a LongLoRA adapter folder to load onto --model")
+    ppl.add_argument("--tokenizer", help="tokenizer name or folder; 'bytes' for the byte tokenizer")
+    ppl.add_argument("--data", required=True, help="a .txt/.json/.jsonl/.parquet file or a hub dataset name")
+    ppl.add_argument("--split", default="test")
+    ppl.add_argument("--text-field", default="text")
+    ppl.add_argument("--max-records", type=int, help="evaluate at most this many documents")
+    ppl.add_argument("--max-tokens", type=int, help="cut each document to this many tokens")
+    ppl.add_argument("--lengths", type=int, nargs="+", required=True, help="evaluation context lengths")
+    ppl.add_argument("--stride", type=int, default=256, help="sliding-window stride (default: 256, the paper's)")
+    ppl.add_argument("--output", help="write results here (.json, or .csv)")
+    ppl.add_argument("--plot", help="write a PNG plot of perplexity vs length here")
+    ppl.add_argument("--quiet", action="store_true", help="no progress bar")
+    ppl.set_defaults(run=_eval_ppl)
     return parser
 
 

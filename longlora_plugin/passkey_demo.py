@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEMO_RECIPE", "PasskeyDemoResult", "plot_passkey", "run_passkey_demo"]
+__all__ = ["DEMO_RECIPE", "PasskeyDemoResult", "run_passkey_demo"]
 
 
 def _recipes_dir() -> Path:
@@ -43,34 +43,12 @@ class PasskeyDemoResult:
     plot: Path | None
 
 
-def plot_passkey(accuracy: dict[str, dict[int, float]], path: Path, *, trained_length: int, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for label, by_length in accuracy.items():
-        lengths = sorted(by_length)
-        axes.plot(lengths, [100 * by_length[n] for n in lengths], marker="o", label=label)
-    axes.axvline(trained_length, color="grey", linestyle=":", linewidth=1)
-    axes.set_xlabel("context length (tokens)")
-    axes.set_ylabel("passkey accuracy (%)")
-    axes.set_ylim(-5, 105)
-    axes.set_title(title)
-    axes.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
-
-
 def run_passkey_demo(*, overrides: dict | None = None, trials: int = 40, speed_lengths: tuple[int, ...] = (8192,), log=print) -> PasskeyDemoResult:
     from transformers import AutoModelForCausalLM
 
     from .data.passkey import passkey_accuracy
     from .demo import compare_step_times
+    from .eval.plots import plot_passkey
     from .recipe import load_recipe
     from .rope import extend_rope
     from .train import load_tokenizer, train

@@ -17,11 +17,11 @@ def passkey_lengths(minimum: int, maximum: int, interval: int) -> list[int]:
 def load_for_eval(model_name: str, *, adapter: str | None = None, tokenizer: str | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import byte_tokenizer
+    from ..data import byte_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype="auto")
     if adapter is not None:
-        from .adapter import load_longlora
+        from ..adapter import load_longlora
 
         model = load_longlora(model, adapter)
     model.eval()  # S2-Attn is for training; evaluation runs full attention

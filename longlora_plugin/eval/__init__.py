@@ -1,0 +1,14 @@
+"""Evaluation with full attention: sliding-window perplexity, passkey retrieval, and plots."""
+
+from .loading import load_for_eval, passkey_lengths
+from .perplexity import perplexity_at_lengths, sliding_window_nll
+from .plots import plot_passkey, plot_perplexity
+
+__all__ = [
+    "load_for_eval",
+    "passkey_lengths",
+    "perplexity_at_lengths",
+    "plot_passkey",
+    "plot_perplexity",
+    "sliding_window_nll",
+]
