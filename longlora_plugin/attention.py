@@ -150,12 +150,13 @@ def s2_attention_mask(
 def _module_supports_sdpa(modeling_module: str) -> bool:
     """Whether the PreTrainedModel classes defined next to an attention layer allow SDPA."""
     module = sys.modules.get(modeling_module)
-    flags = [
+    if module is None:
+        return True
+    return all(
         cls._supports_sdpa
         for cls in vars(module).values()
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel) and cls.__module__ == modeling_module
-    ] if module is not None else []
-    return all(flags) if flags else True
+    )
 
 
 def _full_attention(
@@ -184,8 +185,10 @@ def _full_attention(
 
 
 def _padding_mask(attention_mask: Any) -> torch.Tensor | None:
-    if attention_mask is None or isinstance(attention_mask, S2AttentionMask):
-        return None if attention_mask is None else attention_mask.padding_mask
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, S2AttentionMask):
+        return attention_mask.padding_mask
     if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
         return attention_mask.bool()
     shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
