@@ -82,19 +82,36 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _eval_passkey(args: argparse.Namespace) -> int:
-    from .eval import load_for_eval, passkey_lengths
-    from .data.passkey import passkey_accuracy
+    from tqdm.auto import tqdm
+
+    from .data.passkey import PASSKEY_INTRO, passkey_accuracy
+    from .eval import load_for_eval, passkey_lengths, plot_passkey, plot_passkey_heatmap
+    from .rope import extend_rope
 
     model, tokenizer = load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer)
+    if args.extend_to:  # beyond the trained length, with a larger interpolation factor, as the paper did
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        factor = extend_rope(base, args.extend_to)
+        print(f"rope extended by a further x{factor:g} to {args.extend_to} tokens for evaluation")
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    results = {
-        length: passkey_accuracy(model, encode, length, args.trials, seed=args.seed, intro="")
-        for length in passkey_lengths(args.min_length, args.max_length, args.interval)
-    }
+    lengths = passkey_lengths(args.min_length, args.max_length, args.interval)
+    depths = [None] if args.depths < 2 else [i / (args.depths - 1) for i in range(args.depths)]
+    grid = {}
+    for length, depth in tqdm([(n, d) for n in lengths for d in depths], desc="passkey", disable=args.quiet):
+        grid[(length, depth)] = passkey_accuracy(
+            model, encode, length, args.trials, seed=args.seed, intro="" if args.no_intro else PASSKEY_INTRO, depth=depth
+        )
+    results = {n: sum(grid[(n, d)] for d in depths) / len(depths) for n in lengths}
     for length, accuracy in results.items():
         print(f"passkey @ {length:6d} tokens: {accuracy:.2%}")
     if args.output:
         _write_results(results, args.output, "passkey")
+    if args.plot:
+        label = args.adapter or args.model
+        plot_passkey({label: results}, args.plot, trained_length=args.max_length, title="passkey retrieval")
+        if len(depths) > 1:
+            heatmap = args.plot.removesuffix(".png") + "-depth.png"
+            plot_passkey_heatmap(grid, heatmap, title=f"passkey retrieval: {label}")
     return 0
 
 
@@ -178,7 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     passkey.add_argument("--interval", type=int, default=1024)
     passkey.add_argument("--trials", type=int, default=20)
     passkey.add_argument("--seed", type=int, default=0)
-    passkey.add_argument("--output", help="write the results as JSON here")
+    passkey.add_argument("--depths", type=int, default=0, help="N evenly spaced key depths (a depth x length heatmap); "
+                         "default: a random depth per trial")
+    passkey.add_argument("--extend-to", type=int, help="extend RoPE further to this length before evaluating")
+    passkey.add_argument("--no-intro", action="store_true", help="leave out the paper's instruction before the filler")
+    passkey.add_argument("--output", help="write results here (.json, or .csv)")
+    passkey.add_argument("--plot", help="write a PNG plot here (and <name>-depth.png with --depths)")
+    passkey.add_argument("--quiet", action="store_true", help="no progress bar")
     passkey.set_defaults(run=_eval_passkey)
     ppl = tasks.add_parser("ppl", help="sliding-window perplexity on long documents at several context lengths")
     ppl.add_argument("--model", required=True, help="base or merged model (hub name or folder)")

@@ -69,3 +69,26 @@ def test_eval_ppl_cli_writes_json_csv_and_plot(model, tmp_path):
     assert cli([*common, "--output", str(tmp_path / "ppl.csv")]) == 0
     rows = list(csv.reader((tmp_path / "ppl.csv").open()))
     assert rows[0] == ["length", "perplexity"] and len(rows) == 3
+
+
+def test_eval_passkey_on_the_demo_base_with_a_depth_grid(tmp_path):
+    """The committed 256-token base retrieves at 256 tokens and fails at 512: the evaluation sees both."""
+    from pathlib import Path
+
+    base = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "base"
+    out = tmp_path / "passkey.json"
+    assert cli(["eval", "passkey", "--model", str(base), "--tokenizer", "bytes", "--min-length", "256",
+                "--max-length", "512", "--interval", "256", "--trials", "8", "--depths", "3", "--no-intro", "--quiet",
+                "--output", str(out), "--plot", str(tmp_path / "passkey.png")]) == 0
+    results = json.loads(out.read_text())["passkey"]
+    assert results["256"] >= 0.75 and results["512"] <= 0.5
+    assert (tmp_path / "passkey.png").is_file() and (tmp_path / "passkey-depth.png").is_file()
+
+
+def test_eval_passkey_beyond_the_trained_length_extends_rope(tmp_path, capsys):
+    from pathlib import Path
+
+    base = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "base"
+    assert cli(["eval", "passkey", "--model", str(base), "--tokenizer", "bytes", "--min-length", "512",
+                "--max-length", "512", "--trials", "2", "--no-intro", "--quiet", "--extend-to", "1024"]) == 0
+    assert "rope extended by a further x4 to 1024 tokens" in capsys.readouterr().out

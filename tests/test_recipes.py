@@ -179,7 +179,7 @@ def test_train_cli_writes_a_complete_adapter_then_merge_and_eval(tiny_base, tmp_
     assert merged.config.rope_parameters["factor"] == 8.0
     out = tmp_path / "passkey.json"
     assert cli(["eval", "passkey", "--model", str(tmp_path / "merged"), "--tokenizer", "bytes", "--min-length", "128",
-                "--max-length", "256", "--interval", "128", "--trials", "2", "--output", str(out)]) == 0
+                "--max-length", "256", "--interval", "128", "--trials", "2", "--no-intro", "--quiet", "--output", str(out)]) == 0
     assert set(json.loads(out.read_text())["passkey"]) == {"128", "256"}
 
 

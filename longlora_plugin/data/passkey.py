@@ -75,6 +75,7 @@ def passkey_batch(
     *,
     answer_only_loss: bool = True,
     intro: str = PASSKEY_INTRO,
+    depth: float | None = None,
 ):
     """A (B, length) batch of passkey samples of exactly ``length`` tokens, with labels for causal-LM training.
 
@@ -85,7 +86,7 @@ def passkey_batch(
 
     rows, labels, starts = [], [], []
     for _ in range(batch_size):
-        sample = make_passkey_sample(encode, length, rng, intro=intro)
+        sample = make_passkey_sample(encode, length, rng, intro=intro, depth=depth)
         ids = sample.prompt_ids + sample.answer_ids
         ids = ids + ids[-1:] * (length - len(ids))  # the filler is cut at token level, so this is rare
         row_labels = [-100] * len(sample.prompt_ids) + sample.answer_ids if answer_only_loss else list(ids)
@@ -105,9 +106,11 @@ def passkey_accuracy(
     seed: int = 0,
     batch_size: int = 8,
     intro: str = PASSKEY_INTRO,
+    depth: float | None = None,
 ) -> float:
     """Exact-match accuracy of greedy decoding, computed teacher-forced in one pass per batch.
 
+    ``depth`` fixes where the key is hidden (0 = start, 1 = end); None draws it at random per sample.
     Greedy decoding reproduces the key exactly iff the argmax at every answer position is the key's next token, so
     checking all answer positions at once is the same test as decoding token by token.
     """
@@ -121,7 +124,7 @@ def passkey_accuracy(
         done = 0
         while done < trials:
             n = min(batch_size, trials - done)
-            input_ids, labels, _ = passkey_batch(encode, length, n, rng, intro=intro)
+            input_ids, labels, _ = passkey_batch(encode, length, n, rng, intro=intro, depth=depth)
             logits = model(input_ids=input_ids).logits  # (B, S, V)
             predicted = logits[:, :-1].argmax(-1)  # prediction for token t + 1
             targets = labels[:, 1:]

@@ -2,13 +2,14 @@
 
 from .loading import load_for_eval, passkey_lengths
 from .perplexity import perplexity_at_lengths, sliding_window_nll
-from .plots import plot_passkey, plot_perplexity
+from .plots import plot_passkey, plot_passkey_heatmap, plot_perplexity
 
 __all__ = [
     "load_for_eval",
     "passkey_lengths",
     "perplexity_at_lengths",
     "plot_passkey",
+    "plot_passkey_heatmap",
     "plot_perplexity",
     "sliding_window_nll",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_passkey", "plot_perplexity"]
+__all__ = ["plot_passkey", "plot_passkey_heatmap", "plot_perplexity"]
 
 
 def _figure():
@@ -50,4 +50,20 @@ def plot_perplexity(perplexity: dict[str, dict[int, float]], path: Path, *, titl
     axes.set_xscale("log", base=2)
     axes.set_title(title)
     axes.legend()
+    return _save(plt, figure, Path(path))
+
+
+def plot_passkey_heatmap(grid: dict[tuple[int, float], float], path: Path, *, title: str) -> Path:
+    """Passkey accuracy by depth (rows) and length (columns)."""
+    plt, figure, axes = _figure()
+    lengths = sorted({length for length, _ in grid})
+    depths = sorted({depth for _, depth in grid})
+    values = [[100 * grid[(length, depth)] for length in lengths] for depth in depths]
+    image = axes.imshow(values, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="lower")
+    axes.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+    axes.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    axes.set_xlabel("context length (tokens)")
+    axes.set_ylabel("depth of the key")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, label="accuracy (%)")
     return _save(plt, figure, Path(path))
