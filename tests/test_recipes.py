@@ -181,6 +181,15 @@ def test_train_cli_writes_a_complete_adapter_then_merge_and_eval(tiny_base, tmp_
     assert cli(["eval", "passkey", "--model", str(tmp_path / "merged"), "--tokenizer", "bytes", "--min-length", "128",
                 "--max-length", "256", "--interval", "128", "--trials", "2", "--no-intro", "--quiet", "--output", str(out)]) == 0
     assert set(json.loads(out.read_text())["passkey"]) == {"128", "256"}
+    # perplexity of base + adapter (loaded with its rope extension) equals that of the merged model
+    results = {}
+    for name, extra in (("adapter", ["--model", str(tiny_base), "--adapter", str(adapter)]),
+                        ("merged", ["--model", str(tmp_path / "merged")])):
+        target = tmp_path / f"ppl-{name}.json"
+        assert cli(["eval", "ppl", *extra, "--tokenizer", "bytes", "--data", str(data), "--text-field", "output",
+                    "--lengths", "64", "--stride", "16", "--quiet", "--output", str(target)]) == 0
+        results[name] = json.loads(target.read_text())["perplexity"]["64"]
+    assert results["adapter"] == pytest.approx(results["merged"], rel=1e-4)
 
 
 def test_unwritable_output_dir_fails_at_start(tiny_base, tmp_path):
