@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from families import tiny_config
+from launch_setup import make_base_and_data, write_recipe
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -42,39 +41,7 @@ def test_deepspeed_configs_are_valid_json_for_the_trainer(path):
 
 @pytest.fixture(scope="module")
 def launch_setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("launch")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=259, max_position_embeddings=64)).save_pretrained(
-        folder / "base"
-    )
-    records = [{"instruction": f"Echo {i}.", "output": f"echo {i} " * (1 + i % 4)} for i in range(16)]
-    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return folder
-
-
-def write_recipe(setup: Path, name: str) -> Path:
-    recipe = {
-        "model": {"name_or_path": str(setup / "base"), "tokenizer": "bytes", "dtype": "float32"},
-        "context": {"original": 64, "target": 256},
-        "s2": {"group_size": 64},
-        "data": {"format": "longalpaca", "path": str(setup / "data.jsonl"), "too_long": "truncate"},
-        "training": {
-            "output_dir": str(setup / name),
-            "max_steps": 3,
-            "per_device_train_batch_size": 2,
-            "gradient_accumulation_steps": 1,
-            "learning_rate": 1e-2,
-            "bf16": False,
-            "gradient_checkpointing": False,
-            "save_strategy": "no",
-            "logging_steps": 1,
-            "seed": 0,
-            "data_seed": 0,
-        },
-    }
-    path = setup / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return make_base_and_data(tmp_path_factory.mktemp("launch"))
 
 
 def launch(args: list[str], **env) -> subprocess.CompletedProcess:
