@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from peft import PeftModel, get_peft_model
 
-from .attention import S2_ATTENTION, configure_s2
+from .attention import S2_ATTENTION, check_model_supports_s2, configure_s2
 from .config import LongLoraConfig
 from .rope import extend_rope, refresh_rotary_embeddings
 
@@ -30,13 +30,25 @@ __all__ = [
     "merge_longlora",
     "read_longlora_settings",
     "save_longlora",
+    "write_longlora_settings",
     "apply_longlora_settings",
     "atomic_folder",
+    "base_record",
+    "check_base_matches",
     "check_modules_exist",
 ]
 
 LONGLORA_FILE = "longlora.json"
 FORMAT_VERSION = 1
+# What a base must share with the one an adapter was trained on; a key a record lacks (older saves) is not checked.
+BASE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
 
 
 @contextmanager
@@ -72,6 +84,7 @@ def _config_of(model: Any):
 
 def apply_longlora_settings(model: torch.nn.Module, config: LongLoraConfig) -> None:
     """Extend the context (if the config asks and the model is not extended yet) and switch on S2-Attn."""
+    check_model_supports_s2(model)
     model_config = model.config
     if config.target_context is not None and model_config.max_position_embeddings != config.target_context:
         extend_rope(
@@ -82,6 +95,12 @@ def apply_longlora_settings(model: torch.nn.Module, config: LongLoraConfig) -> N
             rounding=config.rope_rounding,  # type: ignore[arg-type]
         )
     settings = config.s2_settings()
+    context = model_config.max_position_embeddings
+    if settings.group_size is not None and isinstance(context, int) and settings.group_size > context:
+        raise ValueError(
+            f"s2_group_size ({settings.group_size}) must be at most the model's context of {context} tokens "
+            "(max_position_embeddings, after any extension)"
+        )
     configure_s2(model, group_size=settings.group_size, group_size_ratio=settings.group_size_ratio, shift=settings.shift)
     if model_config._attn_implementation != S2_ATTENTION:
         model.set_attn_implementation(S2_ATTENTION)
@@ -108,20 +127,23 @@ def check_modules_exist(model: torch.nn.Module, config: LongLoraConfig) -> None:
     missing = []
     if not isinstance(config.target_modules, str):
         missing += [t for t in config.target_modules or () if not any(k == t or k.endswith("." + t) for k in keys)]
-    missing += [m for m in config.modules_to_save or () if not any(k.endswith(m) for k in keys)]
+    if not config.uses_fallback_modules_to_save():  # the fallback names cover several families; any may be absent
+        missing += [m for m in config.modules_to_save or () if not any(k.endswith(m) for k in keys)]
     if missing:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ValueError(f"LongLoraConfig names modules that model_type '{model_type}' does not have: {sorted(missing)}")
+
+
+def base_record(base_config: Any) -> dict[str, Any]:
+    """The architecture and size of a base model, as ``longlora.json`` records them."""
+    return {key: getattr(base_config, key, None) for key in BASE_KEYS}
 
 
 def _settings_record(model: PeftModel, config: LongLoraConfig) -> dict[str, Any]:
     base_config = _config_of(model)
     return {
         "format_version": FORMAT_VERSION,
-        "model_type": base_config.model_type,
-        "hidden_size": getattr(base_config, "hidden_size", None),
-        "num_hidden_layers": getattr(base_config, "num_hidden_layers", None),
-        "vocab_size": getattr(base_config, "vocab_size", None),
+        **base_record(base_config),
         "original_context": config.original_context,
         "target_context": config.target_context,
         "max_position_embeddings": base_config.max_position_embeddings,
@@ -134,6 +156,12 @@ def _settings_record(model: PeftModel, config: LongLoraConfig) -> dict[str, Any]
     }
 
 
+def write_longlora_settings(model: PeftModel, folder: str | os.PathLike) -> None:
+    """Write ``longlora.json`` (context extension, S2-Attn settings, the base's size) into an adapter folder."""
+    config = model.peft_config["default"]
+    (Path(folder) / LONGLORA_FILE).write_text(json.dumps(_settings_record(model, config), indent=2))
+
+
 def save_longlora(
     model: PeftModel, folder: str | os.PathLike, tokenizer: Any = None, state_dict: dict | None = None
 ) -> Path:
@@ -144,13 +172,11 @@ def save_longlora(
     """
     if not isinstance(model, PeftModel) or not isinstance(model.peft_config.get("default"), LongLoraConfig):
         raise ValueError(f"save_longlora needs a PeftModel made with a LongLoraConfig, got {type(model).__name__}")
-    config = model.peft_config["default"]
     with atomic_folder(folder) as staging:
         model.save_pretrained(staging, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        # Written last: a folder with this file is complete.
-        (staging / LONGLORA_FILE).write_text(json.dumps(_settings_record(model, config), indent=2))
+        write_longlora_settings(model, staging)  # last: a folder with this file is complete
     return Path(folder)
 
 
@@ -167,8 +193,9 @@ def read_longlora_settings(folder: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
-def _check_base_matches(base_config: Any, record: dict[str, Any], folder: Any) -> None:
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+def check_base_matches(base_config: Any, record: dict[str, Any], folder: Any) -> None:
+    """Refuse a base whose architecture or size differs from the one recorded in ``folder``'s longlora.json."""
+    for key in BASE_KEYS:
         have, want = getattr(base_config, key, None), record.get(key)
         if want is not None and have != want:
             raise ValueError(
@@ -180,7 +207,7 @@ def load_longlora(base_model: torch.nn.Module, folder: str | os.PathLike, *, is_
     """Load a LongLoRA adapter onto a fresh base model: the recorded RoPE extension, S2-Attn, then the weights."""
     record = read_longlora_settings(folder)
     base_config = base_model.config
-    _check_base_matches(base_config, record, folder)
+    check_base_matches(base_config, record, folder)
     base_config.rope_parameters = record["rope_parameters"]
     base_config.max_position_embeddings = record["max_position_embeddings"]
     refresh_rotary_embeddings(base_model)

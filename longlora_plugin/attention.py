@@ -251,6 +251,12 @@ def check_model_supports_s2(model: PreTrainedModel) -> None:
             f"s2_attention needs num_attention_heads ({heads}) to be a multiple of num_key_value_heads ({kv_heads}) "
             f"for model_type '{model_type}'"
         )
+    window = getattr(config, "sliding_window", None)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(
+            f"s2_attention needs sliding_window to be a positive int or None for model_type '{model_type}', "
+            f"got {window!r}"
+        )
 
 
 _original_get_correct_attn_implementation = PreTrainedModel.get_correct_attn_implementation

@@ -88,13 +88,15 @@ def _eval_passkey(args: argparse.Namespace) -> int:
     from .eval import load_for_eval, passkey_lengths, plot_passkey, plot_passkey_heatmap
     from .rope import extend_rope
 
+    lengths = passkey_lengths(args.min_length, args.max_length, args.interval)  # before the model loads
+    if args.trials < 1:
+        raise ValueError(f"--trials must be at least 1, got {args.trials}")
     model, tokenizer = load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer)
     if args.extend_to:  # beyond the trained length, with a larger interpolation factor, as the paper did
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         factor = extend_rope(base, args.extend_to)
         print(f"rope extended by a further x{factor:g} to {args.extend_to} tokens for evaluation")
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    lengths = passkey_lengths(args.min_length, args.max_length, args.interval)
     depths = [None] if args.depths < 2 else [i / (args.depths - 1) for i in range(args.depths)]
     grid = {}
     for length, depth in tqdm([(n, d) for n in lengths for d in depths], desc="passkey", disable=args.quiet):
@@ -135,6 +137,10 @@ def _eval_ppl(args: argparse.Namespace) -> int:
     from .data.formats import load_records
     from .eval import load_for_eval, perplexity_at_lengths, plot_perplexity
 
+    if min(args.lengths) < 2 or args.stride < 1:
+        raise ValueError(
+            f"--lengths must all be at least 2 and --stride at least 1, got {args.lengths} and {args.stride}"
+        )
     model, tokenizer = load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer)
     data = SimpleNamespace(
         path=args.data, split=args.split, max_records=args.max_records, format="text", text_field=args.text_field

@@ -117,6 +117,12 @@ class LongLoraConfig(LoraConfig):
     s2_shift: bool = field(default=True, metadata={"help": "Shift half of the heads by G/2 (False: ablation)."})
 
     def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r (the LoRA rank) must be a positive int, got {self.r!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         for name in ("trainable_embeddings", "trainable_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -136,14 +142,24 @@ class LongLoraConfig(LoraConfig):
         if self.rope_rounding not in ("exact", "ceil"):
             raise ValueError(f"rope_rounding must be 'exact' or 'ceil', got {self.rope_rounding!r}")
         self.s2_settings()  # validates the S2-Attn fields
+        group, target = self.s2_group_size, self.target_context
+        if group is not None and target is not None and group > target:
+            raise ValueError(f"s2_group_size ({group}) must be at most target_context ({target})")
         if self.target_modules is None:
             self.target_modules = FALLBACK_TARGET_MODULES
         if self.modules_to_save is None:
-            self.modules_to_save = [
-                *(FALLBACK_EMBEDDINGS if self.trainable_embeddings else ()),
-                *(FALLBACK_NORMS if self.trainable_norms else ()),
-            ] or None
+            self.modules_to_save = self._fallback_modules_to_save()
         super().__post_init__()
+
+    def _fallback_modules_to_save(self) -> list[str] | None:
+        return [
+            *(FALLBACK_EMBEDDINGS if self.trainable_embeddings else ()),
+            *(FALLBACK_NORMS if self.trainable_norms else ()),
+        ] or None
+
+    def uses_fallback_modules_to_save(self) -> bool:
+        """True when modules_to_save are the name patterns of a config built without a model."""
+        return self.modules_to_save is not None and list(self.modules_to_save) == self._fallback_modules_to_save()
 
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> "LongLoraConfig":

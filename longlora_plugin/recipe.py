@@ -28,6 +28,15 @@ __all__ = [
 ]
 
 TOO_LONG_POLICIES = ("error", "truncate", "drop")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -121,9 +130,13 @@ class Recipe:
             )
         if self.data.too_long not in TOO_LONG_POLICIES:
             raise ValueError(f"{where}: data.too_long must be one of {TOO_LONG_POLICIES}, got {self.data.too_long!r}")
+        ratio = self.s2.group_size_ratio
+        if not _is_number(ratio) or not 0 < ratio <= 1:
+            raise ValueError(f"{where}: s2.group_size_ratio must be a number in (0, 1], got {ratio!r}")
         group = self.group_size
-        if isinstance(group, bool) or not isinstance(group, int) or not 1 <= group <= self.context.target:
+        if not _is_int(group) or not 1 <= group <= self.context.target:
             raise ValueError(f"{where}: s2.group_size must be an int in [1, context.target={self.context.target}], got {group!r}")
+        self._validate_choices()
         from trl import SFTConfig
 
         allowed = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -135,6 +148,33 @@ class Recipe:
                 raise ValueError(
                     f"{where}: training.{reserved} is set from the recipe (context.target, data.packing); remove it"
                 )
+
+    def _validate_choices(self) -> None:
+        """Values that would otherwise only fail once the model is loaded."""
+        from .rope import ROPE_TYPES
+
+        modules = self.lora.target_modules
+        checks = [
+            ("model.dtype", self.model.dtype, self.model.dtype in DTYPES, f"one of {DTYPES}"),
+            ("context.rope_type", self.context.rope_type, self.context.rope_type in ROPE_TYPES, f"one of {ROPE_TYPES}"),
+            ("context.rope_rounding", self.context.rope_rounding, self.context.rope_rounding in ("exact", "ceil"),
+             "'exact' or 'ceil'"),
+            ("lora.r", self.lora.r, _is_int(self.lora.r) and self.lora.r >= 1, "a positive int"),
+            ("lora.alpha", self.lora.alpha, _is_number(self.lora.alpha) and self.lora.alpha > 0, "a positive number"),
+            ("lora.dropout", self.lora.dropout, _is_number(self.lora.dropout) and 0 <= self.lora.dropout < 1,
+             "a number in [0, 1)"),
+            ("lora.target_modules", modules,
+             modules is None or (isinstance(modules, list) and all(isinstance(m, str) for m in modules)),
+             "a list of module names, or null to find them in the model"),
+        ]
+        for name in ("s2.shift", "lora.trainable_embeddings", "lora.trainable_norms", "data.packing",
+                     "model.trust_remote_code"):
+            section, key = name.split(".")
+            value = getattr(getattr(self, section), key)
+            checks.append((name, value, isinstance(value, bool), "true or false"))
+        for name, value, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{self.source}: {name} must be {allowed}, got {value!r}")
 
 
 SECTIONS = {

@@ -5,11 +5,16 @@
 
 Progress bars, checkpoints, ``--training.resume_from_checkpoint`` and ``report_to`` logging are the Trainer's own.
 The adapter (LoRA + embeddings + norms + longlora.json) is written to ``<output_dir>/adapter`` at the end.
+
+What can be checked is checked before training starts: local paths, the output folder (writable, room for a
+checkpoint and the adapter), every data record, and that a checkpoint to resume from was written by the same setup.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,23 @@ import torch
 
 from .recipe import Recipe, load_recipe, parse_overrides
 
-__all__ = ["build_trainer", "load_tokenizer", "main", "train"]
+__all__ = ["RESUME_KEYS", "build_trainer", "check_resume_checkpoint", "load_tokenizer", "main", "train"]
+
+# Adapter settings a resumed run must share with the run that wrote the checkpoint.
+RESUME_KEYS = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "modules_to_save",
+    "trainable_embeddings",
+    "trainable_norms",
+    "original_context",
+    "target_context",
+    "rope_type",
+    "rope_rounding",
+    "s2_group_size",
+    "s2_shift",
+)
 
 # The paper's hyper-parameters where a recipe says nothing (TRL's own defaults otherwise).
 PAPER_DEFAULTS = dict(
@@ -47,6 +68,18 @@ def load_tokenizer(recipe: Recipe):
     return tokenizer
 
 
+def _check_local_source(value: str | None, name: str, source: str) -> None:
+    """A value that is plainly a path (absolute, ./, ../, ~, or with more than one '/') must exist.
+
+    Anything else may be a hub id ('org/name'), which only loading can check.
+    """
+    if value is None or value == "bytes":
+        return
+    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1
+    if looks_local and not Path(value).expanduser().exists():
+        raise ValueError(f"{source}: {name} {value} does not exist (give a local folder or a hub id like 'org/name')")
+
+
 def _check_output_dir(output_dir: str) -> None:
     """Fail now, not after hours of training, when the results could not be written."""
     path = Path(output_dir)
@@ -57,6 +90,97 @@ def _check_output_dir(output_dir: str) -> None:
         probe.unlink()
     except OSError as error:
         raise ValueError(f"training.output_dir {path} is not writable: {error}") from error
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def _check_free_space(trainer) -> None:
+    """Fail now, not at the first save, when the disk cannot hold a checkpoint and the final adapter."""
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    adapter_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in trainable)
+    saves_checkpoints = trainer.args.save_strategy != "no"
+    optimizer_bytes = sum(getattr(p, "ds_numel", p.numel()) * 8 for p in trainable)  # AdamW: two fp32 moments
+    needed = adapter_bytes + (adapter_bytes + optimizer_bytes if saves_checkpoints else 0)
+    free = shutil.disk_usage(trainer.args.output_dir).free
+    if free < needed:
+        what = "one checkpoint and the final adapter" if saves_checkpoints else "the final adapter"
+        raise ValueError(
+            f"training.output_dir {trainer.args.output_dir} has {_megabytes(free)} free, but {what} need about "
+            f"{_megabytes(needed)}; free some space or choose another output_dir"
+        )
+
+
+def _checkpoint_to_resume(args) -> Path | None:
+    value = args.resume_from_checkpoint
+    if value is None or value is False:
+        return None
+    if value is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if last is None:
+            raise ValueError(
+                f"training.resume_from_checkpoint is true, but {args.output_dir} holds no checkpoint-* folder"
+            )
+        return Path(last)
+    if not Path(value).is_dir():
+        raise ValueError(f"training.resume_from_checkpoint {value} is not a checkpoint folder")
+    return Path(value)
+
+
+def _comparable(value: Any) -> Any:
+    return sorted(value) if isinstance(value, (list, tuple, set)) else value
+
+
+def check_resume_checkpoint(checkpoint: str | os.PathLike, model) -> None:
+    """Refuse a checkpoint written by another run: other adapter settings (RESUME_KEYS) or another base.
+
+    ``model`` is the PeftModel about to train. The base is compared through the checkpoint's longlora.json, which
+    this module writes into every checkpoint (older checkpoints lack it; their adapter settings are still compared).
+    """
+    from .adapter import LONGLORA_FILE, check_base_matches, read_longlora_settings
+
+    checkpoint = Path(checkpoint)
+    adapter_config = checkpoint / "adapter_config.json"
+    if not adapter_config.is_file():
+        raise ValueError(
+            f"training.resume_from_checkpoint {checkpoint} is not a checkpoint of a LongLoRA run: "
+            "it has no adapter_config.json"
+        )
+    saved = json.loads(adapter_config.read_text())
+    current = model.peft_config["default"]
+    differences = [
+        f"{key}={saved.get(key)!r} there, {getattr(current, key)!r} here"
+        for key in RESUME_KEYS
+        if _comparable(saved.get(key)) != _comparable(getattr(current, key))
+    ]
+    if differences:
+        raise ValueError(
+            f"training.resume_from_checkpoint {checkpoint} comes from another run: {'; '.join(differences)}. "
+            "Resume with the recipe that wrote it, or train into a fresh output_dir."
+        )
+    if (checkpoint / LONGLORA_FILE).is_file():
+        check_base_matches(model.get_base_model().config, read_longlora_settings(checkpoint), checkpoint)
+
+
+def _settings_in_checkpoints():
+    """A callback that writes longlora.json into every checkpoint: resumes can check the base, and a checkpoint is
+    a complete adapter folder that load_longlora reads."""
+    from peft import PeftModel
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from .adapter import write_longlora_settings
+
+    class SettingsInCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kwargs):
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if state.is_world_process_zero and isinstance(model, PeftModel) and folder.is_dir():
+                write_longlora_settings(model, folder)
+
+    return SettingsInCheckpoints()
 
 
 def build_trainer(recipe: Recipe):
@@ -72,6 +196,8 @@ def build_trainer(recipe: Recipe):
     formats = dataset_formats()
     if recipe.data.format not in formats:
         raise ValueError(f"{recipe.source}: data.format {recipe.data.format!r} is not one of {sorted(formats)}")
+    _check_local_source(recipe.model.name_or_path, "model.name_or_path", recipe.source)
+    _check_local_source(recipe.model.tokenizer, "model.tokenizer", recipe.source)
     training = {**PAPER_DEFAULTS, **recipe.training}
     training.setdefault("output_dir", "runs/longlora")
     _check_output_dir(training["output_dir"])
@@ -82,6 +208,7 @@ def build_trainer(recipe: Recipe):
         packing=recipe.data.packing,
         padding_free=recipe.data.packing,
     )
+    checkpoint = _checkpoint_to_resume(args)
     tokenizer = load_tokenizer(recipe)
     dataset = formats[recipe.data.format].prepare(recipe, tokenizer)  # validates every record before training
 
@@ -112,7 +239,18 @@ def build_trainer(recipe: Recipe):
     check_modules_exist(model, config)
     apply_longlora_settings(model, config)  # position interpolation and S2-Attn on the base
     # TRL wraps the model with peft itself, which it does in the way DeepSpeed ZeRO-3 needs.
-    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=config)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=config,
+        callbacks=[_settings_in_checkpoints()],
+    )
+    if checkpoint is not None:
+        check_resume_checkpoint(checkpoint, trainer.model)
+    _check_free_space(trainer)
+    return trainer
 
 
 def train(recipe: Recipe):

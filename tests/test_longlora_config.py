@@ -127,3 +127,11 @@ def test_naming_modules_that_do_not_exist_fails():
     model = AutoModelForCausalLM.from_config(tiny_config("llama"))
     with pytest.raises(ValueError, match=r"model_type 'llama' does not have: \['layer_norm_x', 'nonexistent_proj'\]"):
         get_longlora_model(model, LongLoraConfig(target_modules=["q_proj", "nonexistent_proj"], modules_to_save=["layer_norm_x"]))
+
+
+def test_a_config_built_without_a_model_applies_to_any_family():
+    """Its modules_to_save are name patterns for several families; the ones a model lacks are not an error."""
+    model = get_longlora_model(AutoModelForCausalLM.from_config(tiny_config("llama")), LongLoraConfig())
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert any("embed_tokens.modules_to_save" in name for name in trainable)
+    assert any("q_proj.lora_A" in name for name in trainable)

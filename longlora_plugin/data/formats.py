@@ -54,17 +54,29 @@ def load_records(data: Any):
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None or not path.is_file():
             raise ValueError(f"data.path {path} must be a file ending in one of {sorted(FILE_BUILDERS)}")
+        if path.stat().st_size < 64 and path.read_bytes().strip() in (b"", b"[]", b"{}"):
+            raise ValueError(f"data.path {path} holds no records")
         if builder in ("json", "text"):
             _check_utf8(path)
         try:
             records = load_dataset(builder, data_files=str(path), split="train")
-        except Exception as error:  # datasets wraps decoding errors deeply; name the file
-            raise ValueError(f"cannot read {path} as {builder}: {error}") from error
+        except Exception as error:  # datasets wraps parse errors deeply; name the file and the root cause
+            raise ValueError(f"cannot read {path} as {builder}: {error} ({_root_cause(error)})") from error
+    elif path.suffix.lower() in FILE_BUILDERS or path.is_absolute():
+        raise ValueError(f"data.path {path} does not exist (give a local data file or a hub dataset name)")
     else:
         records = load_dataset(data.path, split=data.split)
+    if len(records) == 0:
+        raise ValueError(f"data.path {data.path} holds no records")
     if data.max_records is not None:
         records = records.select(range(min(data.max_records, len(records))))
     return records
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {error}"
 
 
 def _check_utf8(path: Path, chunk_size: int = 1 << 20) -> None:
