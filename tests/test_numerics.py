@@ -30,6 +30,25 @@ def test_fully_padded_rows(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fully_padded_batch(dtype):
+    out = finite_forward_backward(dtype, 2, 12, 4, padding_mask=torch.zeros(2, 12, dtype=torch.bool))
+    assert out.abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rows_with_a_single_real_token(dtype):
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, -1] = True  # left padded
+    mask[1, 0] = True  # right padded
+    finite_forward_backward(dtype, 2, 12, 4, padding_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_one_token_documents(dtype):
+    finite_forward_backward(dtype, 1, 6, 4, cu_seqlens=torch.tensor([0, 1, 2, 5, 6], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("seq_len", [1, 2])
 def test_very_short_sequences(dtype, seq_len):
     finite_forward_backward(dtype, 2, seq_len, 8)
