@@ -118,7 +118,13 @@ def apply_longlora_settings(model: torch.nn.Module, config: LongLoraConfig) -> N
             f"s2_group_size ({settings.group_size}) must be at most the model's context of {context} tokens "
             "(max_position_embeddings, after any extension)"
         )
-    configure_s2(model, group_size=settings.group_size, group_size_ratio=settings.group_size_ratio, shift=settings.shift)
+    configure_s2(
+        model,
+        group_size=settings.group_size,
+        group_size_ratio=settings.group_size_ratio,
+        shift=settings.shift,
+        logit_scale=settings.logit_scale,
+    )
     if model_config._attn_implementation != S2_ATTENTION:
         model.set_attn_implementation(S2_ATTENTION)
 
@@ -169,6 +175,7 @@ def _settings_record(model: PeftModel, config: LongLoraConfig) -> dict[str, Any]
             "group_size": getattr(base_config, "s2_group_size", None),
             "group_size_ratio": getattr(base_config, "s2_group_size_ratio", 0.25),
             "shift": getattr(base_config, "s2_shift", True),
+            "logit_scale": getattr(base_config, "s2_logit_scale", 1.0),
         },
     }
 
@@ -229,7 +236,13 @@ def load_longlora(base_model: torch.nn.Module, folder: str | os.PathLike, *, is_
     base_config.max_position_embeddings = record["max_position_embeddings"]
     refresh_rotary_embeddings(base_model)
     s2 = record["s2"]
-    configure_s2(base_model, group_size=s2["group_size"], group_size_ratio=s2["group_size_ratio"], shift=s2["shift"])
+    configure_s2(
+        base_model,
+        group_size=s2["group_size"],
+        group_size_ratio=s2["group_size_ratio"],
+        shift=s2["shift"],
+        logit_scale=s2.get("logit_scale", 1.0),
+    )
     base_model.set_attn_implementation(S2_ATTENTION)
     config = LongLoraConfig.from_pretrained(str(folder))
     return PeftModel.from_pretrained(base_model, str(folder), config=config, is_trainable=is_trainable)
@@ -244,7 +257,7 @@ def merge_longlora(model: PeftModel, folder: str | os.PathLike, tokenizer: Any =
     if not isinstance(model, PeftModel):
         raise ValueError(f"merge_longlora needs a PeftModel, got {type(model).__name__}")
     merged = model.merge_and_unload()
-    for key in ("s2_group_size", "s2_group_size_ratio", "s2_shift", "s2_backend"):
+    for key in ("s2_group_size", "s2_group_size_ratio", "s2_shift", "s2_backend", "s2_logit_scale"):
         if hasattr(merged.config, key):
             delattr(merged.config, key)
     merged.set_attn_implementation("sdpa" if merged._supports_sdpa else "eager")

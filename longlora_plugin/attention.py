@@ -47,12 +47,16 @@ class S2Settings:
     group_size_ratio: in (0, 1], 0.25 by default (the paper's N/4).
     shift: shift half of the heads by G // 2 (False: plain short attention, the paper's ablation).
     backend: "auto" (flash-attn varlen on CUDA when installed, else SDPA), "sdpa" or "flash".
+    logit_scale: multiplies the attention logits inside the groups, in training only. 1.0 is the paper's S2-Attn.
+        Below 1 the model learns to attend more sharply than a group of G keys needs, so that full attention at
+        inference, over N / G times as many keys, stays as sharp (see docs/passkey-demo.md).
     """
 
     group_size: int | None = None
     group_size_ratio: float = 0.25
     shift: bool = True
     backend: str = "auto"
+    logit_scale: float = 1.0
 
     def __post_init__(self) -> None:
         resolve_group_size(1, self.group_size, self.group_size_ratio)  # raises on a bad size or ratio
@@ -60,6 +64,9 @@ class S2Settings:
             raise ValueError(f"s2_shift must be True or False, got {self.shift!r}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"s2_backend must be one of {_BACKENDS}, got {self.backend!r}")
+        scale = self.logit_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+            raise ValueError(f"s2_logit_scale must be a positive finite number (1.0: the paper's S2-Attn), got {scale!r}")
 
     def group_size_for(self, seq_len: int) -> int:
         return resolve_group_size(seq_len, self.group_size, self.group_size_ratio)
@@ -73,6 +80,7 @@ def s2_settings(config: Any) -> S2Settings:
         group_size_ratio=0.25 if ratio is None else ratio,
         shift=getattr(config, "s2_shift", True),
         backend=getattr(config, "s2_backend", None) or "auto",
+        logit_scale=getattr(config, "s2_logit_scale", 1.0),
     )
 
 
@@ -83,6 +91,7 @@ def configure_s2(
     group_size_ratio: float | None = None,
     shift: bool | None = None,
     backend: str | None = None,
+    logit_scale: float | None = None,
 ) -> S2Settings:
     """Set S2-Attn settings on a model (its config) or a config, validating them first. Returns the result."""
     config = getattr(model_or_config, "config", model_or_config)
@@ -92,11 +101,13 @@ def configure_s2(
         group_size_ratio=group_size_ratio if group_size_ratio is not None else current.group_size_ratio,
         shift=shift if shift is not None else current.shift,
         backend=backend if backend is not None else current.backend,
+        logit_scale=logit_scale if logit_scale is not None else current.logit_scale,
     )
     config.s2_group_size = settings.group_size
     config.s2_group_size_ratio = settings.group_size_ratio
     config.s2_shift = settings.shift
     config.s2_backend = settings.backend
+    config.s2_logit_scale = settings.logit_scale
     return settings
 
 
@@ -214,6 +225,8 @@ def s2_attention_forward(
     if not getattr(module, "is_causal", True):
         raise ValueError(f"s2_attention is for causal language models; {type(module).__name__} is not causal")
     settings = s2_settings(module.config)
+    if settings.logit_scale != 1.0:
+        scaling = (query.shape[-1] ** -0.5 if scaling is None else scaling) * settings.logit_scale
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None and not torch.equal(cu_q, cu_k):
         raise ValueError("s2_attention needs cu_seq_lens_q == cu_seq_lens_k (self-attention over packed documents)")

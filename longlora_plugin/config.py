@@ -115,6 +115,11 @@ class LongLoraConfig(LoraConfig):
         default=0.25, metadata={"help": "G as a fraction of the batch length when s2_group_size is None (paper: 1/4)."}
     )
     s2_shift: bool = field(default=True, metadata={"help": "Shift half of the heads by G/2 (False: ablation)."})
+    s2_logit_scale: float = field(
+        default=1.0,
+        metadata={"help": "Attention logits x this inside S2 groups in training (1.0: the paper; < 1 trains sharper "
+                          "attention for full attention over N / G times more keys at inference)."},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -172,7 +177,10 @@ class LongLoraConfig(LoraConfig):
 
     def s2_settings(self) -> S2Settings:
         return S2Settings(
-            group_size=self.s2_group_size, group_size_ratio=self.s2_group_size_ratio, shift=self.s2_shift
+            group_size=self.s2_group_size,
+            group_size_ratio=self.s2_group_size_ratio,
+            shift=self.s2_shift,
+            logit_scale=self.s2_logit_scale,
         )
 
     @classmethod

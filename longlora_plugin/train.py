@@ -39,6 +39,7 @@ RESUME_KEYS = (
     "rope_rounding",
     "s2_group_size",
     "s2_shift",
+    "s2_logit_scale",
 )
 
 # The paper's hyper-parameters where a recipe says nothing (TRL's own defaults otherwise).
@@ -232,6 +233,7 @@ def build_trainer(recipe: Recipe):
         rope_rounding=recipe.context.rope_rounding,
         s2_group_size=recipe.group_size,
         s2_shift=recipe.s2.shift,
+        s2_logit_scale=recipe.s2.logit_scale,
     )
     if lora.target_modules is not None:
         config_kwargs["target_modules"] = lora.target_modules

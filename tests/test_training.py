@@ -33,3 +33,27 @@ def test_eval_mode_never_calls_s2():
             model(input_ids=batch)
     finally:
         attention.s2_attention = original
+
+
+def test_logit_scale_multiplies_the_attention_scores_in_training_and_leaves_inference_alone():
+    """s2_logit_scale=f trains exactly like a model whose every attention ``scaling`` is f times larger."""
+    import copy
+
+    from longlora_plugin import configure_s2
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden_size=64, s2_group_size=32)
+    reference = copy.deepcopy(model)
+    configure_s2(model, logit_scale=0.5)
+    for layer in reference.model.layers:
+        layer.self_attn.scaling *= 0.5
+    batch = byte_corpus(512).view(2, 256)
+    model.train(), reference.train()
+    scaled = model(input_ids=batch).logits
+    assert torch.allclose(scaled, reference(input_ids=batch).logits, atol=1e-5)
+    for layer in reference.model.layers:
+        layer.self_attn.scaling *= 2.0
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=batch).logits, reference(input_ids=batch).logits)
+    assert not torch.allclose(scaled, model(input_ids=batch).logits, atol=1e-3)
