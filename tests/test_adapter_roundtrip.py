@@ -145,3 +145,17 @@ def test_loading_onto_another_base_is_refused(tmp_path):
         load_longlora(base_model("llama", hidden_size=96), tmp_path / "adapter")
     with pytest.raises(ValueError, match="model_type='llama', but this base has model_type='gpt_neox'"):
         load_longlora(base_model("gpt_neox"), tmp_path / "adapter")
+
+
+def test_the_training_logit_scale_travels_with_the_adapter_and_not_into_a_merged_model(tmp_path):
+    model = get_longlora_model(
+        base_model("llama"),
+        LongLoraConfig.for_model(base_model("llama"), original_context=ORIGINAL, target_context=TARGET,
+                                 s2_group_size=24, s2_logit_scale=0.75),
+    )
+    save_longlora(model, tmp_path / "adapter")
+    assert read_longlora_settings(tmp_path / "adapter")["s2"]["logit_scale"] == 0.75
+    reloaded = load_longlora(base_model("llama"), tmp_path / "adapter", is_trainable=True)
+    assert reloaded.get_base_model().config.s2_logit_scale == 0.75
+    merge_longlora(reloaded, tmp_path / "merged")
+    assert "s2_logit_scale" not in json.loads((tmp_path / "merged" / "config.json").read_text())
