@@ -75,6 +75,7 @@ class S2Section:
     group_size: int | None = None  # absolute G; otherwise fixed from group_size_ratio * context.target
     group_size_ratio: float = 0.25
     shift: bool = True
+    logit_scale: float = 1.0  # attention logits x this inside the groups in training; 1.0 is the paper's S2-Attn
 
 
 @dataclass
@@ -97,6 +98,7 @@ class DataSection:
     packing: bool = False  # TRL's padding-free packing (cu_seq_lens), which S2-Attn handles
     max_records: int | None = None
     num_samples: int = 1000  # for generated formats (passkey)
+    min_length: int | None = None  # generated formats: shortest sample (default context.original)
     seed: int = 0
 
 
@@ -172,6 +174,11 @@ class Recipe:
             section, key = name.split(".")
             value = getattr(getattr(self, section), key)
             checks.append((name, value, isinstance(value, bool), "true or false"))
+        scale = self.s2.logit_scale
+        checks.append(("s2.logit_scale", scale, _is_number(scale) and 0 < scale < float("inf"), "a positive number"))
+        low, target = self.data.min_length, self.context.target
+        checks.append(("data.min_length", low, low is None or (_is_int(low) and 1 <= low <= target),
+                       f"null or an int in [1, context.target={target}]"))
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{self.source}: {name} must be {allowed}, got {value!r}")

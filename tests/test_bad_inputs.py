@@ -162,6 +162,8 @@ API = [
         "context of 512 tokens",
     ),
     case("api-backend-unknown-at-load", lambda w: s2_model("llama", s2_backend="xformers"), "s2_backend", "'xformers'"),
+    case("api-logit-scale-negative", lambda w: configure_s2(w.llama(), logit_scale=-1.0), "s2_logit_scale",
+         "positive finite number", "got -1.0"),
     case("api-shift-not-bool", lambda w: configure_s2(w.llama(), shift="no"), "s2_shift must be True or False, got 'no'"),
     case(
         "api-heads-not-a-multiple-of-kv-heads-at-load",
@@ -278,6 +280,10 @@ RECIPE = [
     case("recipe-dtype-unknown", lambda w: w.load({"model.dtype": "fp16"}), "model.dtype must be one of", "got 'fp16'"),
     case("recipe-rope-type-unknown", lambda w: w.load({"context.rope_type": "ntk"}), "rope_type must be one of", "got 'ntk'"),
     case("recipe-lora-rank-zero", lambda w: w.load({"lora.r": 0}), "lora.r must be a positive int, got 0"),
+    case("recipe-min-length-above-target", lambda w: w.load({"data.min_length": 100000}), "data.min_length must be",
+         "got 100000"),
+    case("recipe-logit-scale-zero", lambda w: w.load({"s2.logit_scale": 0}), "s2.logit_scale must be a positive number",
+         "got 0"),
     case("recipe-too-long-policy-unknown", lambda w: w.load({"data.too_long": "ignore"}), "data.too_long", "got 'ignore'"),
     case("recipe-data-format-unknown", lambda w: w.build({"data.format": "alpaca"}), "'alpaca' is not one of", "'longalpaca'"),
     case(

@@ -216,3 +216,14 @@ def test_packed_step_gives_the_loss_of_the_unpacked_batch():
         assert ("cu_seq_lens_q" in batch) is padding_free
         losses.append(model(**batch, use_cache=False).loss)
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
+
+
+def test_passkey_samples_lie_between_min_length_and_target_and_can_train_on_every_token(tiny_base, tmp_path):
+    recipe = recipe_from_dict(recipe_dict(tiny_base, tmp_path / "unused.jsonl", format="passkey", path=None,
+                                          min_length=400, num_samples=12))
+    recipe.training["completion_only_loss"] = False
+    trainer = build_trainer(recipe)
+    lengths = [len(row["input_ids"]) for row in trainer.train_dataset]
+    assert min(lengths) >= 400 - 8 and max(lengths) <= 512 + 1, lengths  # prompt + key + EOS, cut at bytes
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    assert (batch["labels"] != -100).sum() > 300  # not only the key's digits

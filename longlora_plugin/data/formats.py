@@ -4,7 +4,8 @@
   context (the remainder is dropped).
 - ``longalpaca``: SFT records ``{instruction, [input], output}`` (LongAlpaca-12k, LongQA). The prompt template is
   ``ALPACA_PROMPT`` / ``ALPACA_PROMPT_WITH_INPUT``; the prompt is masked out of the loss (TRL's completion-only loss).
-- ``passkey``: generated passkey-retrieval samples between the original and the target length, loss on the key.
+- ``passkey``: generated passkey-retrieval samples between ``data.min_length`` (default: the original length) and the
+  target length; the loss is on the key, or on every token with ``training.completion_only_loss: false``.
 
 Records are checked before training starts: a missing or empty field is an error naming the file and the record
 index; a record longer than the context is an error, truncated, or dropped with a count, as ``data.too_long`` says.
@@ -173,7 +174,8 @@ def prepare_passkey(recipe: Any, tokenizer: Any):
     from datasets import Dataset
 
     rng = random.Random(recipe.data.seed)
-    low, high = recipe.context.original, recipe.context.target
+    high = recipe.context.target
+    low = recipe.data.min_length if recipe.data.min_length is not None else recipe.context.original
     prompts, completions = [], []
     for _ in range(recipe.data.num_samples):
         length = rng.randint(low, high)
