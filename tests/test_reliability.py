@@ -56,29 +56,26 @@ def cleanup_never_runs(monkeypatch):
     monkeypatch.setattr(adapter, "shutil", SimpleNamespace(rmtree=lambda *args, **kwargs: None))
 
 
-@pytest.fixture
-def adapter_save_dies_midway(monkeypatch):
-    """PeftModel.save_pretrained writes the weights, then the process dies halfway through the weights file."""
-    real_save = PeftModel.save_pretrained
+def die_midway_through_save(monkeypatch, cls, weights_file: str, what: str) -> None:
+    """cls.save_pretrained writes its files, then the process dies halfway through the weights file."""
+    real_save = cls.save_pretrained
 
     def save_then_die(self, folder, **kwargs):
         real_save(self, folder, **kwargs)
-        truncate(Path(folder) / "adapter_model.safetensors")
-        raise KeyboardInterrupt("killed while writing the adapter")
+        truncate(Path(folder) / weights_file)
+        raise KeyboardInterrupt(f"killed while writing the {what}")
 
-    monkeypatch.setattr(PeftModel, "save_pretrained", save_then_die)
+    monkeypatch.setattr(cls, "save_pretrained", save_then_die)
+
+
+@pytest.fixture
+def adapter_save_dies_midway(monkeypatch):
+    die_midway_through_save(monkeypatch, PeftModel, "adapter_model.safetensors", "adapter")
 
 
 @pytest.fixture
 def merged_save_dies_midway(monkeypatch):
-    real_save = PreTrainedModel.save_pretrained
-
-    def save_then_die(self, folder, **kwargs):
-        real_save(self, folder, **kwargs)
-        truncate(Path(folder) / "model.safetensors")
-        raise KeyboardInterrupt("killed while writing the merged model")
-
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_die)
+    die_midway_through_save(monkeypatch, PreTrainedModel, "model.safetensors", "merged model")
 
 
 @pytest.mark.parametrize("killed", [False, True], ids=["exception", "killed"])
