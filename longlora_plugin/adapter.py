@@ -110,6 +110,7 @@ def apply_longlora_settings(model: torch.nn.Module, config: LongLoraConfig) -> N
             original_length=config.original_context,
             rope_type=config.rope_type,
             rounding=config.rope_rounding,  # type: ignore[arg-type]
+            rope_options=config.rope_options,
         )
     settings = config.s2_settings()
     context = model_config.max_position_embeddings

@@ -17,7 +17,7 @@ from peft import LoraConfig
 from .attention import S2Settings
 from .families import is_norm_module
 from .plugins import get_plugin_manager
-from .rope import ROPE_TYPES
+from .rope import ROPE_TYPES, check_rope_options
 
 __all__ = [
     "LongLoraConfig",
@@ -108,6 +108,11 @@ class LongLoraConfig(LoraConfig):
     rope_rounding: str = field(
         default="exact", metadata={"help": "'exact' factor target/original, or 'ceil' to round it up as the paper did."}
     )
+    rope_options: dict | None = field(
+        default=None,
+        metadata={"help": "Further rope_parameters of rope_type, as transformers reads them: yarn's attention_factor, "
+                          "beta_fast, beta_slow, ...; llama3's low_freq_factor and high_freq_factor."},
+    )
     s2_group_size: int | None = field(
         default=None, metadata={"help": "Absolute S2-Attn group size G; None uses s2_group_size_ratio."}
     )
@@ -146,6 +151,7 @@ class LongLoraConfig(LoraConfig):
             raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
         if self.rope_rounding not in ("exact", "ceil"):
             raise ValueError(f"rope_rounding must be 'exact' or 'ceil', got {self.rope_rounding!r}")
+        check_rope_options(self.rope_type, self.rope_options)
         self.s2_settings()  # validates the S2-Attn fields
         group, target = self.s2_group_size, self.target_context
         if group is not None and target is not None and group > target:

@@ -76,7 +76,9 @@ def run_passkey_demo(*, overrides: dict | None = None, trials: int = 40, speed_l
     accuracy[f"base ({original})"] = evaluate(load_base())
     interpolated = load_base()
     rope_type = recipe.context.rope_type
-    factor = extend_rope(interpolated, target, original_length=original, rope_type=rope_type)
+    factor = extend_rope(
+        interpolated, target, original_length=original, rope_type=rope_type, rope_options=recipe.context.rope_options
+    )
     accuracy[f"{rope_type} interpolation x{factor:g}, no fine-tuning"] = evaluate(interpolated)
 
     steps = recipe.training.get("max_steps")

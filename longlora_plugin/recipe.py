@@ -68,6 +68,7 @@ class ContextSection:
     target: int
     rope_type: str = "linear"
     rope_rounding: str = "exact"  # or "ceil", as the paper
+    rope_options: dict | None = None  # further rope_parameters of rope_type, e.g. yarn's attention_factor
 
 
 @dataclass
@@ -153,7 +154,7 @@ class Recipe:
 
     def _validate_choices(self) -> None:
         """Values that would otherwise only fail once the model is loaded."""
-        from .rope import ROPE_TYPES
+        from .rope import ROPE_TYPES, check_rope_options
 
         modules = self.lora.target_modules
         checks = [
@@ -182,6 +183,11 @@ class Recipe:
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{self.source}: {name} must be {allowed}, got {value!r}")
+        if self.context.rope_type in ROPE_TYPES:
+            try:
+                check_rope_options(self.context.rope_type, self.context.rope_options)
+            except ValueError as error:
+                raise ValueError(f"{self.source}: context.{error}") from None
 
 
 SECTIONS = {

@@ -12,17 +12,52 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["ROPE_TYPES", "extend_rope", "rope_parameters_for", "refresh_rotary_embeddings"]
+__all__ = [
+    "ROPE_OPTIONS",
+    "ROPE_TYPES",
+    "check_rope_options",
+    "extend_rope",
+    "refresh_rotary_embeddings",
+    "rope_parameters_for",
+]
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
 Rounding = Literal["exact", "ceil"]
+
+# The keys transformers' own RoPE initialisers read for each type, beyond factor and the original length.
+ROPE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "linear": (),
+    "dynamic": (),
+    "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    "llama3": ("low_freq_factor", "high_freq_factor"),
+}
+
+
+def check_rope_options(rope_type: str, options: dict | None) -> dict:
+    """``options`` as a plain dict, or a ValueError naming the key or value that ``rope_type`` does not take."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"rope_options must be a mapping of {rope_type!r} parameters, got {options!r}")
+    allowed = ROPE_OPTIONS.get(rope_type, ())
+    for key, value in options.items():
+        if key not in allowed:
+            raise ValueError(
+                f"rope_options key {key!r} is not a {rope_type!r} parameter; allowed: {list(allowed) or 'none'}"
+            )
+        if key == "truncate":
+            if not isinstance(value, bool):
+                raise ValueError(f"rope_options['truncate'] must be true or false, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"rope_options[{key!r}] must be a positive number, got {value!r}")
+    return dict(options)
 
 
 def _nested_layer_types(rope_parameters: dict) -> list[str]:
     return [key for key, value in rope_parameters.items() if isinstance(value, dict)]
 
 
-def _scaled(params: dict, factor: float, rope_type: str, original: int) -> dict:
+def _scaled(params: dict, factor: float, rope_type: str, original: int, options: dict) -> dict:
     """One rope-parameter dict scaled by factor, composed with a linear factor it already has."""
     previous_type = params.get("rope_type", "default")
     if previous_type not in ("default", "linear", rope_type):
@@ -38,6 +73,7 @@ def _scaled(params: dict, factor: float, rope_type: str, original: int) -> dict:
     if rope_type == "llama3":
         result.setdefault("low_freq_factor", 1.0)
         result.setdefault("high_freq_factor", 4.0)
+    result.update(options)
     return result
 
 
@@ -48,8 +84,13 @@ def rope_parameters_for(
     original_length: int | None = None,
     rope_type: str = "linear",
     rounding: Rounding = "exact",
+    rope_options: dict | None = None,
 ) -> tuple[dict, float]:
-    """The rope_parameters that extend ``config`` to ``target_length``, and the factor applied (not composed)."""
+    """The rope_parameters that extend ``config`` to ``target_length``, and the factor applied (not composed).
+
+    ``rope_options`` are further parameters of ``rope_type`` as transformers reads them, e.g. yarn's
+    ``attention_factor``, ``beta_fast`` and ``beta_slow`` or llama3's ``low_freq_factor`` and ``high_freq_factor``.
+    """
     params = getattr(config, "rope_parameters", None)
     model_type = getattr(config, "model_type", type(config).__name__)
     if not params:
@@ -61,6 +102,7 @@ def rope_parameters_for(
         raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
     if rounding not in ("exact", "ceil"):
         raise ValueError(f"rounding must be 'exact' or 'ceil', got {rounding!r}")
+    options = check_rope_options(rope_type, rope_options)
     original = original_length if original_length is not None else getattr(config, "max_position_embeddings", None)
     if not isinstance(original, int) or original < 1:
         raise ValueError(f"original_length must be a positive int (or the config's max_position_embeddings), got {original!r}")
@@ -73,9 +115,9 @@ def rope_parameters_for(
         factor = float(math.ceil(factor))
     nested = _nested_layer_types(params)
     if nested:
-        new = {key: (_scaled(value, factor, rope_type, original) if key in nested else value) for key, value in params.items()}
+        new = {key: (_scaled(value, factor, rope_type, original, options) if key in nested else value) for key, value in params.items()}
     else:
-        new = _scaled(params, factor, rope_type, original)
+        new = _scaled(params, factor, rope_type, original, options)
     return new, factor
 
 
@@ -103,16 +145,19 @@ def extend_rope(
     original_length: int | None = None,
     rope_type: str = "linear",
     rounding: Rounding = "exact",
+    rope_options: dict | None = None,
 ) -> float:
     """Extend a model (or a config) from its original context to ``target_length`` by RoPE position interpolation.
 
     Sets ``rope_parameters`` to ``rope_type`` scaling with factor ``target / original`` (``rounding="ceil"`` rounds
-    the factor up, as the paper did), composing with a linear factor already there, keeping ``rope_theta``; sets
-    ``max_position_embeddings`` to the target. A model's rotary modules are rebuilt. Returns the factor applied.
+    the factor up, as the paper did), composing with a linear factor already there, keeping ``rope_theta``, plus any
+    ``rope_options`` of that type; sets ``max_position_embeddings`` to the target. A model's rotary modules are
+    rebuilt. Returns the factor applied.
     """
     config = getattr(model_or_config, "config", model_or_config)
     new_params, factor = rope_parameters_for(
-        config, target_length, original_length=original_length, rope_type=rope_type, rounding=rounding
+        config, target_length, original_length=original_length, rope_type=rope_type, rounding=rounding,
+        rope_options=rope_options,
     )
     # Assign a new dict: transformers 5 keeps rope_theta inside rope_parameters (setting rope_scaling loses it).
     config.rope_parameters = copy.deepcopy(new_params)

@@ -159,3 +159,19 @@ def test_the_training_logit_scale_travels_with_the_adapter_and_not_into_a_merged
     assert reloaded.get_base_model().config.s2_logit_scale == 0.75
     merge_longlora(reloaded, tmp_path / "merged")
     assert "s2_logit_scale" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+
+
+def test_rope_options_travel_with_the_adapter_and_into_a_merged_model(tmp_path):
+    options = {"beta_fast": 4, "beta_slow": 1, "attention_factor": 1.2}
+    config = LongLoraConfig.for_model(base_model("llama"), original_context=ORIGINAL, target_context=TARGET,
+                                      s2_group_size=24, rope_type="yarn", rope_options=options)
+    model = get_longlora_model(base_model("llama"), config).eval()
+    assert model.get_base_model().model.rotary_emb.attention_scaling == 1.2
+    save_longlora(model, tmp_path / "adapter")
+    assert read_longlora_settings(tmp_path / "adapter")["rope_parameters"]["attention_factor"] == 1.2
+    reloaded = load_longlora(base_model("llama"), tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(reloaded), logits(model), atol=1e-5, rtol=1e-5)
+    merge_longlora(reloaded, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert plain.config.rope_parameters["attention_factor"] == 1.2
+    torch.testing.assert_close(logits(plain), logits(model), atol=1e-5, rtol=1e-5)

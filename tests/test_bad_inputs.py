@@ -196,6 +196,12 @@ API = [
         "above the original context of 512 tokens, got 256",
     ),
     case(
+        "api-config-rope-option-not-positive",
+        lambda w: LongLoraConfig(original_context=256, target_context=1024, rope_type="yarn",
+                                 rope_options={"attention_factor": -1.0}),
+        "rope_options['attention_factor'] must be a positive number, got -1.0",
+    ),
+    case(
         "api-config-target-below-original",
         lambda w: LongLoraConfig(original_context=4096, target_context=2048),
         "target_context (2048) must be larger than original_context (4096)",
@@ -279,6 +285,12 @@ RECIPE = [
     case("recipe-shift-not-bool", lambda w: w.load({"s2.shift": "no"}), "s2.shift must be true or false, got 'no'"),
     case("recipe-dtype-unknown", lambda w: w.load({"model.dtype": "fp16"}), "model.dtype must be one of", "got 'fp16'"),
     case("recipe-rope-type-unknown", lambda w: w.load({"context.rope_type": "ntk"}), "rope_type must be one of", "got 'ntk'"),
+    case(
+        "recipe-rope-option-of-another-type",
+        lambda w: w.load({"context.rope_type": "yarn", "context.rope_options": {"high_freq_factor": 4.0}}),
+        "context.rope_options key 'high_freq_factor' is not a 'yarn' parameter",
+        "allowed: ['attention_factor'",
+    ),
     case("recipe-lora-rank-zero", lambda w: w.load({"lora.r": 0}), "lora.r must be a positive int, got 0"),
     case("recipe-min-length-above-target", lambda w: w.load({"data.min_length": 100000}), "data.min_length must be",
          "got 100000"),

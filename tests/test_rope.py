@@ -1,5 +1,7 @@
 """Position interpolation on transformers 5 rope_parameters."""
 
+import math
+
 import pytest
 import torch
 from families import tiny_config
@@ -75,3 +77,50 @@ def test_bad_rope_type_and_incompatible_existing_type():
     extend_rope(config, 1024, rope_type="yarn")
     with pytest.raises(ValueError, match="rope_type is 'yarn' with 'linear'"):
         extend_rope(config, 4096)
+
+
+def test_rope_options_reach_transformers_rotary_module():
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", max_position_embeddings=256))
+    extend_rope(model, 1024, rope_type="yarn", rope_options={"beta_fast": 4, "beta_slow": 1, "attention_factor": 1.25})
+    params = model.config.rope_parameters
+    assert (params["beta_fast"], params["beta_slow"], params["attention_factor"]) == (4, 1, 1.25)
+    assert model.model.rotary_emb.attention_scaling == 1.25
+    # beta_fast=4 keeps every frequency that turns more than 4 times in the original 256 tokens, as llama3-style does
+    base = AutoModelForCausalLM.from_config(tiny_config("llama", max_position_embeddings=256))
+    base_inv_freq = base.model.rotary_emb.inv_freq
+    kept = base_inv_freq * 256 / (2 * math.pi) > 4
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq[kept], base_inv_freq[kept])
+    assert (model.model.rotary_emb.inv_freq[~kept] < base_inv_freq[~kept]).all()
+
+
+def test_attention_factor_multiplies_the_attention_logits_by_its_square():
+    ids = torch.randint(3, 90, (1, 40), generator=torch.Generator().manual_seed(0))
+    plain = AutoModelForCausalLM.from_config(tiny_config("llama", max_position_embeddings=256)).eval()
+    scaled = AutoModelForCausalLM.from_config(tiny_config("llama", max_position_embeddings=256)).eval()
+    scaled.load_state_dict(plain.state_dict())
+    extend_rope(plain, 1024, rope_type="yarn", rope_options={"attention_factor": 1.0})
+    extend_rope(scaled, 1024, rope_type="yarn", rope_options={"attention_factor": 1.5})
+    position_ids = torch.arange(40)[None]
+    x = torch.randn(1, 40, 8)
+    cos_plain, sin_plain = plain.model.rotary_emb(x, position_ids)
+    cos_scaled, sin_scaled = scaled.model.rotary_emb(x, position_ids)
+    torch.testing.assert_close(cos_scaled, 1.5 * cos_plain)
+    torch.testing.assert_close(sin_scaled, 1.5 * sin_plain)
+    assert not torch.allclose(plain(input_ids=ids).logits, scaled(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize(
+    ("rope_type", "options", "message"),
+    [
+        ("yarn", {"low_freq_factor": 1.0}, r"'low_freq_factor' is not a 'yarn' parameter; allowed: \['attention"),
+        ("linear", {"attention_factor": 2.0}, "'attention_factor' is not a 'linear' parameter; allowed: none"),
+        ("yarn", {"attention_factor": 0}, r"rope_options\['attention_factor'\] must be a positive number, got 0"),
+        ("yarn", {"truncate": "no"}, r"rope_options\['truncate'\] must be true or false, got 'no'"),
+        ("llama3", [("low_freq_factor", 1.0)], "rope_options must be a mapping"),
+    ],
+)
+def test_bad_rope_options_are_refused_with_the_value(rope_type, options, message):
+    config = tiny_config("llama", max_position_embeddings=256)
+    with pytest.raises(ValueError, match=message):
+        extend_rope(config, 1024, rope_type=rope_type, rope_options=options)
+    assert config.rope_parameters.get("rope_type", "default") == "default"  # nothing half-applied
