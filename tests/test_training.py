@@ -57,3 +57,26 @@ def test_logit_scale_multiplies_the_attention_scores_in_training_and_leaves_infe
     with torch.no_grad():
         assert torch.equal(model(input_ids=batch).logits, reference(input_ids=batch).logits)
     assert not torch.allclose(scaled, model(input_ids=batch).logits, atol=1e-3)
+
+
+def test_a_rope_attention_factor_divided_out_in_training_leaves_s2_training_unchanged():
+    """yarn attention_factor a and s2_logit_scale 1/a^2: S2 training is the plain model's, full attention is a^2 sharper."""
+    import copy
+
+    from longlora_plugin import configure_s2, extend_rope
+
+    torch.manual_seed(0)
+    plain = tiny_llama(hidden_size=64, s2_group_size=32)
+    tempered = copy.deepcopy(plain)
+    rope = dict(rope_type="yarn", original_length=128)
+    extend_rope(plain, 512, rope_options={"attention_factor": 1.0}, **rope)
+    extend_rope(tempered, 512, rope_options={"attention_factor": 1.25}, **rope)
+    configure_s2(tempered, logit_scale=1 / 1.25**2)
+    batch = byte_corpus(1024).view(2, 512)
+    plain.train(), tempered.train()
+    torch.testing.assert_close(tempered(input_ids=batch).logits, plain(input_ids=batch).logits, atol=1e-4, rtol=1e-4)
+    plain.eval(), tempered.eval()
+    for layer in plain.model.layers:
+        layer.self_attn.scaling *= 1.25**2
+    with torch.no_grad():
+        torch.testing.assert_close(tempered(input_ids=batch).logits, plain(input_ids=batch).logits, atol=1e-4, rtol=1e-4)
