@@ -6,6 +6,7 @@ read the key back, so the model learns retrieval in about 1100 steps and, unlike
 alone, also models the filler, which is what the LongLoRA fine-tuning then adapts to the longer positions.
 
     python recipes/demo/make_base.py --out recipes/demo/base
+    python recipes/demo/make_base.py --layers 4 --out /tmp/base4   # the deeper base of docs/passkey-demo.md
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ def encode(text: str) -> list[int]:
     return [b + ENCODE_OFFSET for b in text.encode()]
 
 
-def base_config() -> LlamaConfig:
+def base_config(num_layers: int = 2) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=256 + ENCODE_OFFSET,
         hidden_size=128,
         intermediate_size=384,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=BASE_CONTEXT,
@@ -50,10 +51,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--target-accuracy", type=float, default=0.98)
+    parser.add_argument("--layers", type=int, default=2, help="2 for the committed base")
     args = parser.parse_args()
     torch.manual_seed(0)
     rng = random.Random(0)
-    model = AutoModelForCausalLM.from_config(base_config(), attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(base_config(args.layers), attn_implementation="sdpa")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     start = time.time()
     for step in range(1, args.steps + 1):
