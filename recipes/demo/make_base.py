@@ -6,7 +6,7 @@ read the key back, so the model learns retrieval in about 1100 steps and, unlike
 alone, also models the filler, which is what the LongLoRA fine-tuning then adapts to the longer positions.
 
     python recipes/demo/make_base.py --out recipes/demo/base
-    python recipes/demo/make_base.py --layers 4 --out /tmp/base4   # the deeper base of docs/passkey-demo.md
+    python recipes/demo/make_base.py --layers 2 --out /tmp/base2   # the first, 2-layer base of docs/passkey-demo.md
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def encode(text: str) -> list[int]:
     return [b + ENCODE_OFFSET for b in text.encode()]
 
 
-def base_config(num_layers: int = 2) -> LlamaConfig:
+def base_config(num_layers: int = 4) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=256 + ENCODE_OFFSET,
         hidden_size=128,
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--target-accuracy", type=float, default=0.98)
-    parser.add_argument("--layers", type=int, default=2, help="2 for the committed base")
+    parser.add_argument("--layers", type=int, default=4, help="4 for the committed base (2 for the first one)")
     args = parser.parse_args()
     torch.manual_seed(0)
     rng = random.Random(0)
