@@ -183,11 +183,10 @@ class Recipe:
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{self.source}: {name} must be {allowed}, got {value!r}")
-        if self.context.rope_type in ROPE_TYPES:
-            try:
-                check_rope_options(self.context.rope_type, self.context.rope_options)
-            except ValueError as error:
-                raise ValueError(f"{self.source}: context.{error}") from None
+        try:  # rope_type is known here: the checks above refused any other
+            check_rope_options(self.context.rope_type, self.context.rope_options)
+        except ValueError as error:
+            raise ValueError(f"{self.source}: context.{error}") from None
 
 
 SECTIONS = {
