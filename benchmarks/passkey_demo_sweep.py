@@ -21,13 +21,13 @@ from transformers import AutoModelForCausalLM
 
 from longlora_plugin import LongLoraConfig, get_longlora_model
 from longlora_plugin.data.passkey import passkey_accuracy, passkey_batch
+from longlora_plugin.data.tokenizer import byte_ids
 from longlora_plugin.rope import refresh_rotary_embeddings
 
 DEMO_BASE = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "base"
 
 
-def encode(text: str) -> list[int]:
-    return [b + 3 for b in text.encode()]
+encode = byte_ids
 
 
 def main() -> None:

@@ -29,8 +29,10 @@ import sysconfig
 import time
 from pathlib import Path
 
+from longlora_plugin.data.tokenizer import BYTE_ID_OFFSET
+
 ORIGINAL, TARGET = 256, 1024
-BYTE_OFFSET = 3
+BYTE_OFFSET = BYTE_ID_OFFSET
 RUNS = {
     "a_full_ft_full_attn": dict(train="full", attention="sdpa"),
     "b_full_ft_s2": dict(train="full", attention="s2"),

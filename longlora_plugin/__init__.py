@@ -8,7 +8,7 @@ adapter life cycle) load on first use, so that registering stays light.
 from importlib import import_module
 from typing import Any
 
-from .attention import (
+from .hf_attention import (
     S2_ATTENTION,
     S2AttentionMask,
     S2Settings,

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 from peft import PeftModel, get_peft_model
 
-from .attention import S2_ATTENTION, check_model_supports_s2, configure_s2
+from .hf_attention import S2_ATTENTION, check_model_supports_s2, configure_s2
 from .config import LongLoraConfig
 from .rope import extend_rope, refresh_rotary_embeddings
 

@@ -10,14 +10,14 @@ __all__ = ["main"]
 
 def _demo(args: argparse.Namespace) -> int:
     if args.quick:
-        from .demo import run_demo
+        from .demos.quick import run_quick_demo
 
-        run_demo(steps=args.steps or 150, seq_len=args.seq_len, speed_lengths=tuple(args.speed_lengths or [4096, 8192]))
+        run_quick_demo(steps=args.steps or 150, seq_len=args.seq_len, speed_lengths=tuple(args.speed_lengths or [4096, 8192]))
         return 0
     import datasets
     import transformers
 
-    from .passkey_demo import run_passkey_demo
+    from .demos.passkey import run_passkey_demo
 
     datasets.disable_progress_bars()  # the demo prints its own progress; the bars would bury it
     transformers.utils.logging.disable_progress_bar()
@@ -35,7 +35,7 @@ def _info(args: argparse.Namespace) -> int:
 
     from transformers import AttentionInterface
 
-    from .attention import S2_ATTENTION
+    from .hf_attention import S2_ATTENTION
     from .plugins import get_plugin_manager, installed_plugins
 
     registered = S2_ATTENTION in AttentionInterface().valid_keys()

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from peft import LoraConfig
 
-from .attention import S2Settings
-from .families import is_norm_module
+from .hf_attention import S2Settings
+from .builtin_plugin import is_norm_module
 from .plugins import get_plugin_manager
 from .rope import ROPE_TYPES, check_rope_options
 

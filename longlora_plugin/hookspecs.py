@@ -14,13 +14,45 @@ so a third-party plugin overrides the built-in defaults for the models it recogn
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
 import pluggy
 
 PROJECT = "longlora_plugin"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-__all__ = ["PROJECT", "hookspec", "hookimpl"]
+__all__ = ["PROJECT", "DatasetFormat", "FamilyInfo", "S2Support", "hookimpl", "hookspec"]
+
+
+@dataclass(frozen=True)
+class S2Support:
+    """The answer of ``longlora_s2_support``."""
+
+    supported: bool
+    reason: str = ""
+    caveats: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """One entry of ``longlora_model_families``."""
+
+    model_type: str
+    s2_attention: str  # "supported" or "refused at load"
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """A data format a recipe can name. ``prepare(recipe, tokenizer)`` returns the dataset SFTTrainer trains on."""
+
+    name: str
+    required_fields: tuple[str, ...]
+    prepare: Callable[[Any, Any], Any]
+    description: str = ""
+    optional_fields: tuple[str, ...] = field(default_factory=tuple)
 
 
 @hookspec(firstresult=True)
@@ -49,7 +81,7 @@ def longlora_attention_projections(model):
 
 @hookspec(firstresult=True)
 def longlora_s2_support(model):
-    """Whether ``model`` can train with S2-Attn: a ``longlora_plugin.families.S2Support``, or None if unknown.
+    """Whether ``model`` can train with S2-Attn: a ``longlora_plugin.hookspecs.S2Support``, or None if unknown.
 
     ``S2Support(supported=False, reason=...)`` makes loading with ``attn_implementation="s2_attention"`` fail with
     that reason; ``caveats`` are shown by ``longlora info``.
@@ -58,9 +90,9 @@ def longlora_s2_support(model):
 
 @hookspec
 def longlora_model_families():
-    """A list of ``longlora_plugin.families.FamilyInfo`` this plugin knows, for ``longlora info`` and the docs."""
+    """A list of ``longlora_plugin.hookspecs.FamilyInfo`` this plugin knows, for ``longlora info`` and the docs."""
 
 
 @hookspec
 def longlora_dataset_formats():
-    """A list of ``longlora_plugin.families.DatasetFormat`` that recipes can name in ``data.format``."""
+    """A list of ``longlora_plugin.hookspecs.DatasetFormat`` that recipes can name in ``data.format``."""

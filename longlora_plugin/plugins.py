@@ -14,7 +14,7 @@ import pluggy
 
 from . import hookspecs
 from .data.formats import BuiltinDatasetFormats
-from .families import BuiltinFamilies
+from .builtin_plugin import BuiltinFamilies
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -57,17 +57,11 @@ PAPER_DEFAULTS = dict(
 
 
 def load_tokenizer(recipe: Recipe):
-    from transformers import AutoTokenizer
-
-    from .data import byte_tokenizer
+    """The recipe's tokenizer (``model.tokenizer``, else the model's own)."""
+    from .data import load_tokenizer as load_named_tokenizer
 
     name = recipe.model.tokenizer or recipe.model.name_or_path
-    tokenizer = byte_tokenizer() if name == "bytes" else AutoTokenizer.from_pretrained(name, trust_remote_code=recipe.model.trust_remote_code)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer of {name} has neither a pad token nor an eos token to pad with; set model.tokenizer")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return load_named_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
 
 
 def _check_local_source(value: str | None, name: str, source: str) -> None:
@@ -191,7 +185,7 @@ def build_trainer(recipe: Recipe):
     from trl import SFTConfig, SFTTrainer
 
     from .adapter import apply_longlora_settings, check_modules_exist
-    from .attention import S2_ATTENTION
+    from .hf_attention import S2_ATTENTION
     from .config import LongLoraConfig
     from .plugins import dataset_formats
 

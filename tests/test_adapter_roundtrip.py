@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from families import tiny_config
+from tests.helpers.families import tiny_config
 from peft import PeftModel
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from families import tiny_config
-from launch_setup import make_base_and_data, write_recipe
+from tests.helpers.families import tiny_config
+from tests.helpers.launch_setup import make_base_and_data, write_recipe
 from transformers import AutoModelForCausalLM, GPT2Config
 
-import longlora_plugin.attention as attention
+import longlora_plugin.hf_attention as attention
 from longlora_plugin import (
     S2_ATTENTION,
     LongLoraConfig,

@@ -2,7 +2,7 @@
 
 import json
 
-from longlora_plugin.passkey_demo import run_passkey_demo
+from longlora_plugin.demos.passkey import run_passkey_demo
 
 
 def test_passkey_demo_pipeline_writes_table_json_and_plot(tmp_path):

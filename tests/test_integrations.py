@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch_setup import make_base_and_data, write_recipe
+from tests.helpers.launch_setup import make_base_and_data, write_recipe
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 

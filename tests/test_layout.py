@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import document_positions
+from tests.helpers.reference import document_positions
 
 from longlora_plugin.ops import bucket_segments, resolve_group_size, s2_segments, token_layout
 

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from families import FAMILIES, tiny_config
+from tests.helpers.families import FAMILIES, tiny_config
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from longlora_plugin import LongLoraConfig, get_longlora_model, find_longlora_modules, format_trainable_report, trainable_parameter_report
-from longlora_plugin.families import is_norm_module
+from longlora_plugin.builtin_plugin import is_norm_module
 
 
 def test_paper_defaults():

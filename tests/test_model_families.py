@@ -9,8 +9,8 @@ import copy
 
 import pytest
 import torch
-from families import FAMILIES, UNSUPPORTED, tiny_config
-from reference import reference_s2_attention
+from tests.helpers.families import FAMILIES, UNSUPPORTED, tiny_config
+from tests.helpers.reference import reference_s2_attention
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
@@ -195,7 +195,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_training_with_the_default_kv_cache_still_uses_s2(monkeypatch):
     """A model in train mode defaults to use_cache=True; the first forward's query and keys are equally long."""
-    import longlora_plugin.attention as attention
+    import longlora_plugin.hf_attention as attention
 
     calls = []
     real = attention.s2_attention

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from families import tiny_config
+from tests.helpers.families import tiny_config
 from transformers import AutoModelForCausalLM
 
 from longlora_plugin import S2_ATTENTION, s2_attention

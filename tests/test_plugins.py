@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import tiny_config
+from tests.helpers.families import tiny_config
 from transformers import AutoModelForCausalLM
 
 from longlora_plugin import hookspecs

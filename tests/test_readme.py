@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from families import FAMILIES, UNSUPPORTED
+from tests.helpers.families import FAMILIES, UNSUPPORTED
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

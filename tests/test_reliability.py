@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from families import tiny_config
-from launch_setup import make_base_and_data, write_recipe
+from tests.helpers.families import tiny_config
+from tests.helpers.launch_setup import make_base_and_data, write_recipe
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel
 

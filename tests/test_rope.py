@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from families import tiny_config
+from tests.helpers.families import tiny_config
 from transformers import AutoModelForCausalLM
 
 from longlora_plugin import extend_rope

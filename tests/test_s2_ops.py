@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import reference_s2_attention
+from tests.helpers.reference import reference_s2_attention
 
 from longlora_plugin.ops import s2_attention
 

@@ -3,7 +3,7 @@
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import reference_s2_attention
+from tests.helpers.reference import reference_s2_attention
 
 from longlora_plugin.ops import s2_attention
 

@@ -2,8 +2,8 @@
 
 import torch
 
-import longlora_plugin.attention as attention
-from longlora_plugin.demo import byte_corpus, tiny_llama, train_s2
+import longlora_plugin.hf_attention as attention
+from tests.helpers.tiny import byte_corpus, tiny_llama, train_s2
 
 
 def test_tiny_llama_loss_falls_over_30_s2_steps(monkeypatch):

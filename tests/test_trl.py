@@ -3,11 +3,11 @@
 import pytest
 import torch
 from datasets import Dataset
-from families import tiny_config
+from tests.helpers.families import tiny_config
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-import longlora_plugin.attention as attention
+import longlora_plugin.hf_attention as attention
 from longlora_plugin import LongLoraConfig, S2_ATTENTION, trainable_parameter_report
 from longlora_plugin.data import byte_tokenizer
 

@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ..families import DatasetFormat
+from ..hookspecs import DatasetFormat
 from ..hookspecs import hookimpl
 from .passkey import make_passkey_sample
 

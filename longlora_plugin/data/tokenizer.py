@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
-__all__ = ["byte_tokenizer", "SPECIAL_TOKENS"]
+__all__ = ["BYTE_ID_OFFSET", "BYTE_TOKENIZER", "SPECIAL_TOKENS", "byte_ids", "byte_tokenizer", "load_tokenizer"]
 
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2; byte b has id b + 3
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
+BYTE_ID_OFFSET = len(SPECIAL_TOKENS)  # byte b has id b + BYTE_ID_OFFSET
+BYTE_TOKENIZER = "bytes"  # the name recipes and the CLI give the byte tokenizer
+
+
+def byte_ids(text: str) -> list[int]:
+    """``text`` as the byte tokenizer encodes it, without special tokens (no tokenizer object needed)."""
+    return [b + BYTE_ID_OFFSET for b in text.encode()]
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    """The tokenizer called ``name`` ("bytes", a folder or a hub id), padding with EOS when it has no pad token."""
+    if name == BYTE_TOKENIZER:
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"the tokenizer of {name} has neither a pad token nor an eos token to pad with; set model.tokenizer"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def byte_tokenizer():
-    """A ``PreTrainedTokenizerFast`` mapping each UTF-8 byte to one token (id = byte + 3)."""
+    """A ``PreTrainedTokenizerFast`` mapping each UTF-8 byte to one token (id = byte + BYTE_ID_OFFSET)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
@@ -16,7 +39,7 @@ def byte_tokenizer():
     alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins for bytes used by byte-level BPE
     byte_to_char = _bytes_to_unicode()
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    vocab |= {byte_to_char[b]: b + len(SPECIAL_TOKENS) for b in range(256)}
+    vocab |= {byte_to_char[b]: b + BYTE_ID_OFFSET for b in range(256)}
     assert set(byte_to_char.values()) == set(alphabet)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -15,9 +15,9 @@ def passkey_lengths(minimum: int, maximum: int, interval: int) -> list[int]:
 
 
 def load_for_eval(model_name: str, *, adapter: str | None = None, tokenizer: str | None = None) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from ..data import byte_tokenizer
+    from ..data import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype="auto")
     if adapter is not None:
@@ -26,4 +26,4 @@ def load_for_eval(model_name: str, *, adapter: str | None = None, tokenizer: str
         model = load_longlora(model, adapter)
     model.eval()  # S2-Attn is for training; evaluation runs full attention
     source = tokenizer or adapter or model_name
-    return model, (byte_tokenizer() if source == "bytes" else AutoTokenizer.from_pretrained(source))
+    return model, load_tokenizer(source)

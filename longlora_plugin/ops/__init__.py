@@ -9,7 +9,7 @@ from .layout import (
     s2_segments,
     token_layout,
 )
-from .s2_attention import Backend, flash_attn_available, s2_attention
+from .shifted_sparse import Backend, flash_attn_available, s2_attention
 
 __all__ = [
     "Backend",

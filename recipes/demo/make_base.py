@@ -19,13 +19,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from longlora_plugin.data.passkey import passkey_accuracy, passkey_batch
+from longlora_plugin.data.tokenizer import byte_ids
 
 BASE_CONTEXT = 256
-ENCODE_OFFSET = 3  # the byte tokenizer's ids: byte b -> b + 3
-
-
-def encode(text: str) -> list[int]:
-    return [b + ENCODE_OFFSET for b in text.encode()]
+encode = byte_ids
 
 
 def base_config(num_layers: int = 4) -> LlamaConfig:

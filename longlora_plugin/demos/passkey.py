@@ -6,7 +6,7 @@
 3. the recipe recipes/demo/passkey-tiny-cpu.yaml extends the base with LongLoRA (S2-Attn, LoRA, trainable
    embeddings and norms, position interpolation) through the same training entry point as every recipe;
 4. the extended model is evaluated like the others; a table is printed and a PNG plot written.
-Last, one training step at 8k tokens is timed with S2-Attn and with full SDPA on the demo model.
+Last, the attention kernel is timed at 8k tokens, S2-Attn against full causal SDPA.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ __all__ = ["DEMO_RECIPE", "PasskeyDemoResult", "run_passkey_demo"]
 
 
 def _recipes_dir() -> Path:
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent
     for candidate in (package / "recipes", package.parent / "recipes"):
         if (candidate / "demo").is_dir():
             return candidate
@@ -37,7 +37,7 @@ GOAL_ACCURACY = 0.9
 class PasskeyDemoResult:
     accuracy: dict[str, dict[int, float]]  # model label -> length -> passkey accuracy
     train_seconds: float
-    speed: dict[int, tuple[float, float]]  # seq_len -> (S2 seconds, SDPA seconds) for one training step
+    speed: dict[int, tuple[float, float]]  # seq_len -> (S2 seconds, full SDPA seconds), attention kernel
     plot: Path | None
     target: int
 
@@ -49,12 +49,12 @@ class PasskeyDemoResult:
 def run_passkey_demo(*, overrides: dict | None = None, trials: int = 40, speed_lengths: tuple[int, ...] = (8192,), log=print) -> PasskeyDemoResult:
     from transformers import AutoModelForCausalLM
 
-    from .data.passkey import passkey_accuracy
-    from .demo import compare_step_times
-    from .eval.plots import plot_passkey
-    from .recipe import load_recipe
-    from .rope import extend_rope
-    from .train import load_tokenizer, train
+    from ..data.passkey import passkey_accuracy
+    from ..eval.plots import plot_passkey
+    from ..recipe import load_recipe
+    from ..rope import extend_rope
+    from ..train import load_tokenizer, train
+    from .timing import compare_kernel_times
 
     recipe = load_recipe(_recipes_dir() / DEMO_RECIPE, overrides)
     original, target = recipe.context.original, recipe.context.target
@@ -110,5 +110,5 @@ def run_passkey_demo(*, overrides: dict | None = None, trials: int = 40, speed_l
     verdict = "reached" if accuracy[f"LongLoRA ({target})"][target] >= GOAL_ACCURACY else "NOT reached"
     log(f"goal: LongLoRA >= {GOAL_ACCURACY:.0%} at {target} tokens: {verdict}")
 
-    speed = compare_step_times(extended.get_base_model(), speed_lengths, log)
+    speed = compare_kernel_times(speed_lengths, log=log)
     return PasskeyDemoResult(accuracy=accuracy, train_seconds=train_seconds, speed=speed, plot=plot, target=target)

@@ -1,4 +1,4 @@
-"""The built-in default plugin: finds embeddings, norms and attention projections in any transformers model.
+"""The built-in default plugin for model families: finds embeddings, norms and attention projections in any transformers model.
 
 Detection looks at the model's modules, not at one family's names: the input embedding is
 ``model.get_input_embeddings()``; norms are modules whose class is a LayerNorm/GroupNorm or whose class name ends
@@ -8,48 +8,18 @@ whose class name ends in "Attention".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
-
 import torch
 
-from .hookspecs import hookimpl
+from .hookspecs import FamilyInfo, S2Support, hookimpl
 
 __all__ = [
     "BUILTIN_FAMILIES",
-    "DatasetFormat",
-    "FamilyInfo",
-    "S2Support",
+    "BuiltinFamilies",
     "find_attention_projections",
     "find_embedding_modules",
     "find_norm_modules",
     "is_norm_module",
 ]
-
-
-@dataclass(frozen=True)
-class S2Support:
-    supported: bool
-    reason: str = ""
-    caveats: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class FamilyInfo:
-    model_type: str
-    s2_attention: str  # "supported" or "refused at load"
-    notes: str = ""
-
-
-@dataclass(frozen=True)
-class DatasetFormat:
-    """A data format a recipe can name. ``prepare(recipe, tokenizer)`` returns the dataset SFTTrainer trains on."""
-
-    name: str
-    required_fields: tuple[str, ...]
-    prepare: Callable[[Any, Any], Any]
-    description: str = ""
-    optional_fields: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _names_of(model: torch.nn.Module, predicate) -> list[str]:

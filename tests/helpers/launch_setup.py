@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from families import tiny_config
+from tests.helpers.families import tiny_config
 from transformers import AutoModelForCausalLM
 
 
