@@ -20,7 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from longlora_plugin import LongLoraConfig, get_longlora_model
-from longlora_plugin.data.passkey import passkey_accuracy, passkey_batch
+from longlora_plugin.data.passkey import passkey_batch
+from longlora_plugin.eval.passkey import passkey_accuracy
 from longlora_plugin.data.tokenizer import byte_ids
 from longlora_plugin.rope import refresh_rotary_embeddings
 

@@ -8,19 +8,11 @@ adapter life cycle) load on first use, so that registering stays light.
 from importlib import import_module
 from typing import Any
 
-from .hf_attention import (
-    S2_ATTENTION,
-    S2AttentionMask,
-    S2Settings,
-    check_model_supports_s2,
-    configure_s2,
-    register_s2_attention,
-    s2_attention_forward,
-    s2_settings,
-)
+from .hf_attention import S2_ATTENTION, configure_s2, register_s2_attention
 from .hookspecs import hookimpl
 from .ops import s2_attention
 from .rope import extend_rope
+from .settings import S2Settings
 
 __version__ = "0.1.0"
 
@@ -48,10 +40,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "LongLoraConfig",
     "S2_ATTENTION",
-    "S2AttentionMask",
     "S2Settings",
     "__version__",
-    "check_model_supports_s2",
     "configure_s2",
     "extend_rope",
     "find_longlora_modules",
@@ -63,8 +53,6 @@ __all__ = [
     "read_longlora_settings",
     "register_s2_attention",
     "s2_attention",
-    "s2_attention_forward",
-    "s2_settings",
     "save_longlora",
     "trainable_parameter_report",
 ]

@@ -8,6 +8,7 @@ Folders are written atomically: a save that is interrupted leaves no folder unde
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import os
@@ -19,10 +20,12 @@ from typing import Any, Iterator
 
 import torch
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import check_target_module_exists
 
-from .hf_attention import S2_ATTENTION, check_model_supports_s2, configure_s2
 from .config import LongLoraConfig
+from .hf_attention import S2_ATTENTION, check_model_supports_s2
 from .rope import extend_rope, refresh_rotary_embeddings
+from .settings import S2Settings
 
 __all__ = [
     "LONGLORA_FILE",
@@ -32,11 +35,10 @@ __all__ = [
     "read_longlora_settings",
     "save_longlora",
     "write_longlora_settings",
-    "apply_longlora_settings",
+    "prepare_base",
     "atomic_folder",
     "base_record",
     "check_base_matches",
-    "check_modules_exist",
 ]
 
 LONGLORA_FILE = "longlora.json"
@@ -99,9 +101,31 @@ def _config_of(model: Any):
     return base.config
 
 
-def apply_longlora_settings(model: torch.nn.Module, config: LongLoraConfig) -> None:
-    """Extend the context (if the config asks and the model is not extended yet) and switch on S2-Attn."""
+def _check_module_names(model: torch.nn.Module, config: LongLoraConfig) -> None:
+    """Every name listed in target_modules / modules_to_save must match a module, by peft's own matching.
+
+    peft itself only refuses a config none of whose names match; a typo next to a good name would go unnoticed.
+    """
+    keys = [name for name, _ in model.named_modules() if name]
+    missing = []
+    if not isinstance(config.target_modules, str):  # a regex is matched as a whole, by peft
+        for name in config.target_modules or ():
+            one = copy.copy(config)
+            one.target_modules, one.modules_to_save = {name}, None
+            if not any(check_target_module_exists(one, key) is True for key in keys):
+                missing.append(name)
+    if list(config.modules_to_save or ()) != config._fallback_modules_to_save():  # fallback names span families
+        missing += [name for name in config.modules_to_save or () if not any(key.endswith(name) for key in keys)]
+    if missing:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(f"LongLoraConfig names modules that model_type '{model_type}' does not have: {sorted(missing)}")
+
+
+def prepare_base(model: torch.nn.Module, config: LongLoraConfig) -> None:
+    """Ready a base model for a LongLoRA config before peft wraps it: check the names the config lists, extend the
+    context (unless already extended) and switch on S2-Attn with the config's settings."""
     check_model_supports_s2(model)
+    _check_module_names(model, config)
     model_config = model.config
     if config.target_context is not None and model_config.max_position_embeddings != config.target_context:
         extend_rope(
@@ -112,20 +136,14 @@ def apply_longlora_settings(model: torch.nn.Module, config: LongLoraConfig) -> N
             rounding=config.rope_rounding,  # type: ignore[arg-type]
             rope_options=config.rope_options,
         )
-    settings = config.s2_settings()
+    settings = S2Settings.from_config(config)
     context = model_config.max_position_embeddings
     if settings.group_size is not None and isinstance(context, int) and settings.group_size > context:
         raise ValueError(
             f"s2_group_size ({settings.group_size}) must be at most the model's context of {context} tokens "
             "(max_position_embeddings, after any extension)"
         )
-    configure_s2(
-        model,
-        group_size=settings.group_size,
-        group_size_ratio=settings.group_size_ratio,
-        shift=settings.shift,
-        logit_scale=settings.logit_scale,
-    )
+    settings.apply_to(model_config)
     if model_config._attn_implementation != S2_ATTENTION:
         model.set_attn_implementation(S2_ATTENTION)
 
@@ -140,22 +158,8 @@ def get_longlora_model(model: torch.nn.Module, config: LongLoraConfig | None = N
         config = LongLoraConfig.for_model(model, **config_kwargs)
     elif config_kwargs:
         raise ValueError(f"pass either a config or config keyword arguments, not both (got {sorted(config_kwargs)})")
-    check_modules_exist(model, config)
-    apply_longlora_settings(model, config)
+    prepare_base(model, config)
     return get_peft_model(model, config)
-
-
-def check_modules_exist(model: torch.nn.Module, config: LongLoraConfig) -> None:
-    """Every name in target_modules / modules_to_save must match a module of the model (peft's matching rules)."""
-    keys = [name for name, _ in model.named_modules() if name]
-    missing = []
-    if not isinstance(config.target_modules, str):
-        missing += [t for t in config.target_modules or () if not any(k == t or k.endswith("." + t) for k in keys)]
-    if not config.uses_fallback_modules_to_save():  # the fallback names cover several families; any may be absent
-        missing += [m for m in config.modules_to_save or () if not any(k.endswith(m) for k in keys)]
-    if missing:
-        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        raise ValueError(f"LongLoraConfig names modules that model_type '{model_type}' does not have: {sorted(missing)}")
 
 
 def base_record(base_config: Any) -> dict[str, Any]:
@@ -172,12 +176,7 @@ def _settings_record(model: PeftModel, config: LongLoraConfig) -> dict[str, Any]
         "target_context": config.target_context,
         "max_position_embeddings": base_config.max_position_embeddings,
         "rope_parameters": base_config.rope_parameters,
-        "s2": {
-            "group_size": getattr(base_config, "s2_group_size", None),
-            "group_size_ratio": getattr(base_config, "s2_group_size_ratio", 0.25),
-            "shift": getattr(base_config, "s2_shift", True),
-            "logit_scale": getattr(base_config, "s2_logit_scale", 1.0),
-        },
+        "s2": S2Settings.from_config(base_config).to_record(),
     }
 
 
@@ -236,14 +235,7 @@ def load_longlora(base_model: torch.nn.Module, folder: str | os.PathLike, *, is_
     base_config.rope_parameters = record["rope_parameters"]
     base_config.max_position_embeddings = record["max_position_embeddings"]
     refresh_rotary_embeddings(base_model)
-    s2 = record["s2"]
-    configure_s2(
-        base_model,
-        group_size=s2["group_size"],
-        group_size_ratio=s2["group_size_ratio"],
-        shift=s2["shift"],
-        logit_scale=s2.get("logit_scale", 1.0),
-    )
+    S2Settings.from_config(base_config).with_record(record["s2"]).apply_to(base_config)
     base_model.set_attn_implementation(S2_ATTENTION)
     config = LongLoraConfig.from_pretrained(str(folder))
     return PeftModel.from_pretrained(base_model, str(folder), config=config, is_trainable=is_trainable)
@@ -258,9 +250,7 @@ def merge_longlora(model: PeftModel, folder: str | os.PathLike, tokenizer: Any =
     if not isinstance(model, PeftModel):
         raise ValueError(f"merge_longlora needs a PeftModel, got {type(model).__name__}")
     merged = model.merge_and_unload()
-    for key in ("s2_group_size", "s2_group_size_ratio", "s2_shift", "s2_backend", "s2_logit_scale"):
-        if hasattr(merged.config, key):
-            delattr(merged.config, key)
+    S2Settings.remove_from(merged.config)
     merged.set_attn_implementation("sdpa" if merged._supports_sdpa else "eager")
     with atomic_folder(folder) as staging:
         merged.save_pretrained(staging)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .sources import check_local_source
+
 __all__ = ["main"]
 
 
@@ -63,22 +65,26 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import main as train_main
+    from .train import run_recipe
 
-    return train_main([args.recipe, *args.overrides])
+    run_recipe([args.recipe, *args.overrides])
+    return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .adapter import load_longlora, merge_longlora
+    from .data import load_tokenizer
 
+    check_local_source(args.base, "--base")
+    check_local_source(args.adapter, "--adapter")
     base = AutoModelForCausalLM.from_pretrained(args.base, dtype="auto")
     model = load_longlora(base, args.adapter)
     tokenizer = None
     for source in (args.adapter, args.base):
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = load_tokenizer(source)
             break
         except (OSError, ValueError):
             continue
@@ -88,28 +94,28 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _eval_passkey(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from .data.passkey import PASSKEY_INTRO, passkey_accuracy
-    from .eval import load_for_eval, passkey_lengths, plot_passkey, plot_passkey_heatmap
+    from .data.passkey import PASSKEY_INTRO
+    from .eval import load_for_eval, passkey_grid, passkey_lengths, plot_passkey, plot_passkey_heatmap
     from .rope import extend_rope
 
     lengths = passkey_lengths(args.min_length, args.max_length, args.interval)  # before the model loads
     if args.trials < 1:
         raise ValueError(f"--trials must be at least 1, got {args.trials}")
-    model, tokenizer = load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer)
+    model, tokenizer = _load_model(args)
     if args.extend_to:  # beyond the trained length, with a larger interpolation factor, as the paper did
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         factor = extend_rope(base, args.extend_to)
         print(f"rope extended by a further x{factor:g} to {args.extend_to} tokens for evaluation")
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    depths = [None] if args.depths < 2 else [i / (args.depths - 1) for i in range(args.depths)]
-    grid = {}
-    for length, depth in tqdm([(n, d) for n in lengths for d in depths], desc="passkey", disable=args.quiet):
-        grid[(length, depth)] = passkey_accuracy(
-            model, encode, length, args.trials, seed=args.seed, intro="" if args.no_intro else PASSKEY_INTRO, depth=depth
-        )
-    results = {n: sum(grid[(n, d)] for d in depths) / len(depths) for n in lengths}
+    results, grid = passkey_grid(
+        model,
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        lengths,
+        args.trials,
+        depths=args.depths,
+        seed=args.seed,
+        intro="" if args.no_intro else PASSKEY_INTRO,
+        progress=not args.quiet,
+    )
     for length, accuracy in results.items():
         print(f"passkey @ {length:6d} tokens: {accuracy:.2%}")
     if args.output:
@@ -117,10 +123,18 @@ def _eval_passkey(args: argparse.Namespace) -> int:
     if args.plot:
         label = args.adapter or args.model
         plot_passkey({label: results}, args.plot, trained_length=args.max_length, title="passkey retrieval")
-        if len(depths) > 1:
-            heatmap = args.plot.removesuffix(".png") + "-depth.png"
-            plot_passkey_heatmap(grid, heatmap, title=f"passkey retrieval: {label}")
+        if args.depths > 1:
+            plot_passkey_heatmap(grid, args.plot.removesuffix(".png") + "-depth.png", title=f"passkey retrieval: {label}")
     return 0
+
+
+def _load_model(args: argparse.Namespace):
+    from .eval import load_for_eval
+
+    check_local_source(args.model, "--model")
+    check_local_source(args.adapter, "--adapter")
+    check_local_source(args.tokenizer, "--tokenizer")
+    return load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer)
 
 
 def _write_results(results: dict, output: str, kind: str) -> None:
@@ -138,25 +152,16 @@ def _write_results(results: dict, output: str, kind: str) -> None:
 
 
 def _eval_ppl(args: argparse.Namespace) -> int:
-    from types import SimpleNamespace
-
     from .data.formats import load_records
-    from .eval import load_for_eval, perplexity_at_lengths, plot_perplexity
+    from .eval import document_token_ids, perplexity_at_lengths, plot_perplexity
 
     if min(args.lengths) < 2 or args.stride < 1:
         raise ValueError(
             f"--lengths must all be at least 2 and --stride at least 1, got {args.lengths} and {args.stride}"
         )
-    model, tokenizer = load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer)
-    data = SimpleNamespace(
-        path=args.data, split=args.split, max_records=args.max_records, format="text", text_field=args.text_field
-    )
-    documents = []
-    for index, record in enumerate(load_records(data)):
-        text = record.get(args.text_field)
-        if not isinstance(text, str):
-            raise ValueError(f"{args.data}: record {index} has no text field '{args.text_field}'")
-        documents.append(tokenizer(text, add_special_tokens=False)["input_ids"][: args.max_tokens])
+    model, tokenizer = _load_model(args)
+    records = load_records(args.data, split=args.split, max_records=args.max_records, sample_by=args.sample_by)
+    documents = document_token_ids(records, tokenizer, args.text_field, max_tokens=args.max_tokens, source=args.data)
     results = perplexity_at_lengths(model, documents, args.lengths, args.stride, progress=not args.quiet)
     for length, value in results.items():
         print(f"perplexity @ {length:6d} tokens (stride {min(args.stride, length)}): {value:.4f}")
@@ -169,6 +174,7 @@ def _eval_ppl(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longlora", description="LongLoRA for the Hugging Face stack.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
@@ -226,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--split", default="test")
     ppl.add_argument("--text-field", default="text")
     ppl.add_argument("--max-records", type=int, help="evaluate at most this many documents")
+    ppl.add_argument("--sample-by", choices=("document", "paragraph", "line"), default="document",
+                     help="a .txt file is one document (default), or one per paragraph or line")
     ppl.add_argument("--max-tokens", type=int, help="cut each document to this many tokens")
     ppl.add_argument("--lengths", type=int, nargs="+", required=True, help="evaluation context lengths")
     ppl.add_argument("--stride", type=int, default=256, help="sliding-window stride (default: 256, the paper's)")
@@ -237,8 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as error:  # bad input (values, paths, hub ids): one line, no traceback
+        if args.debug:
+            raise
+        parser.exit(2, f"longlora: error: {error}\n")
 
 
 if __name__ == "__main__":

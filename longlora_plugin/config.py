@@ -7,17 +7,18 @@ built without a model falls back to name patterns that cover the built-in famili
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from peft import LoraConfig
 
-from .hf_attention import S2Settings
 from .builtin_plugin import is_norm_module
 from .plugins import get_plugin_manager
 from .rope import ROPE_TYPES, check_rope_options
+from .settings import InvalidSetting, S2Settings, setting, validate_settings
 
 __all__ = [
     "LongLoraConfig",
@@ -34,6 +35,12 @@ FALLBACK_TARGET_MODULES = (
 # ...and embedding / norm names, matched by suffix as peft matches modules_to_save ("norm" covers every *norm).
 FALLBACK_EMBEDDINGS = ("embed_tokens", "embed_in", "wte")
 FALLBACK_NORMS = ("norm", "ln_1", "ln_f")
+
+# A config built without a model asks peft to keep tied embeddings tied; on an untied model peft then says that no
+# tied modules were found, which is the expected case there, not news.
+warnings.filterwarnings(
+    "ignore", message="You have requested `ensure_weight_tying`, but no tied modules were found", category=UserWarning
+)
 
 
 @dataclass(frozen=True)
@@ -77,90 +84,85 @@ def _save_match(key: str, leaf: str) -> bool:  # peft's modules_to_save semantic
     return key.endswith(leaf)
 
 
-def _positive_int_or_none(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+def _with_s2_settings(cls: type) -> type:
+    """Give the class one ``s2_<name>`` field per S2Settings field, with its default and help text."""
+    for f in fields(S2Settings):
+        key = S2Settings.config_key(f.name)
+        cls.__annotations__[key] = f.type
+        setattr(cls, key, dataclasses.field(default=f.default, metadata={"help": f.metadata["help"]}))
+    return cls
+
+
+# Fields that define what an adapter learned: a resumed run must share them with the run that wrote the checkpoint.
+_ADAPTER_DEFINING = (
+    "r", "lora_alpha", "target_modules", "modules_to_save", "trainable_embeddings", "trainable_norms",
+    "original_context", "target_context", "rope_type", "rope_rounding", "rope_options",
+)
 
 
 @dataclass
+@_with_s2_settings
 class LongLoraConfig(LoraConfig):
     """LoRA+ of the LongLoRA paper: LoRA (r=8, alpha=16, dropout 0) on the attention projections, embeddings and all
-    norms fully trainable, with the context extension and S2-Attn settings that belong to the adapter."""
+    norms fully trainable, with the context extension and S2-Attn settings (``s2_<name>`` for each field of
+    ``S2Settings``) that belong to the adapter."""
 
-    r: int = field(default=8, metadata={"help": "LoRA rank (paper: 8)."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (paper: 16)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (paper: 0)."})
-    trainable_embeddings: bool = field(
-        default=True, metadata={"help": "Train the input embeddings fully (paper: yes; without it LoRA fails to adapt)."}
+    r: int = setting(8, "LoRA rank (paper: 8).", "positive int")
+    lora_alpha: int = setting(16, "LoRA alpha (paper: 16).", "positive number")
+    lora_dropout: float = setting(0.0, "LoRA dropout (paper: 0).", "probability")
+    trainable_embeddings: bool = setting(
+        True, "Train the input embeddings fully (paper: yes; without it LoRA fails to adapt).", "bool"
     )
-    trainable_norms: bool = field(
-        default=True, metadata={"help": "Train every normalization layer fully (paper: yes), q/k norms included."}
+    trainable_norms: bool = setting(
+        True, "Train every normalization layer fully (paper: yes), q/k norms included.", "bool"
     )
-    original_context: int | None = field(
-        default=None, metadata={"help": "Context length the base model was trained for, in tokens."}
+    original_context: int | None = setting(
+        None, "Context length the base model was trained for, in tokens.", "positive int or None"
     )
-    target_context: int | None = field(
-        default=None, metadata={"help": "Context length to extend to by position interpolation, in tokens."}
+    target_context: int | None = setting(
+        None, "Context length to extend to by position interpolation, in tokens.", "positive int or None"
     )
-    rope_type: str = field(
-        default="linear", metadata={"help": f"RoPE scaling used for the extension, one of {ROPE_TYPES}."}
+    rope_type: str = setting("linear", "RoPE scaling used for the extension.", choices=ROPE_TYPES)
+    rope_rounding: str = setting(
+        "exact", "'exact' factor target/original, or 'ceil' to round it up as the paper did.", choices=("exact", "ceil")
     )
-    rope_rounding: str = field(
-        default="exact", metadata={"help": "'exact' factor target/original, or 'ceil' to round it up as the paper did."}
-    )
-    rope_options: dict | None = field(
-        default=None,
-        metadata={"help": "Further rope_parameters of rope_type, as transformers reads them: yarn's attention_factor, "
-                          "beta_fast, beta_slow, ...; llama3's low_freq_factor and high_freq_factor."},
-    )
-    s2_group_size: int | None = field(
-        default=None, metadata={"help": "Absolute S2-Attn group size G; None uses s2_group_size_ratio."}
-    )
-    s2_group_size_ratio: float = field(
-        default=0.25, metadata={"help": "G as a fraction of the batch length when s2_group_size is None (paper: 1/4)."}
-    )
-    s2_shift: bool = field(default=True, metadata={"help": "Shift half of the heads by G/2 (False: ablation)."})
-    s2_logit_scale: float = field(
-        default=1.0,
-        metadata={"help": "Attention logits x this inside S2 groups in training (1.0: the paper; < 1 trains sharper "
-                          "attention for full attention over N / G times more keys at inference)."},
+    rope_options: dict | None = setting(
+        None,
+        "Further rope_parameters of rope_type, as transformers reads them: yarn's attention_factor, beta_fast, "
+        "beta_slow, ...; llama3's low_freq_factor and high_freq_factor.",
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r (the LoRA rank) must be a positive int, got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
-        for name in ("trainable_embeddings", "trainable_norms"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        _positive_int_or_none("original_context", self.original_context)
-        _positive_int_or_none("target_context", self.target_context)
-        if (self.original_context is None) != (self.target_context is None):
-            raise ValueError(
-                "original_context and target_context go together: got "
-                f"original_context={self.original_context!r}, target_context={self.target_context!r}"
-            )
-        if self.target_context is not None and self.target_context <= self.original_context:
-            raise ValueError(
-                f"target_context ({self.target_context}) must be larger than original_context ({self.original_context})"
-            )
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
-        if self.rope_rounding not in ("exact", "ceil"):
-            raise ValueError(f"rope_rounding must be 'exact' or 'ceil', got {self.rope_rounding!r}")
-        check_rope_options(self.rope_type, self.rope_options)
-        self.s2_settings()  # validates the S2-Attn fields
-        group, target = self.s2_group_size, self.target_context
+        validate_settings(self, names=[f.name for f in fields(LongLoraConfig) if "check" in f.metadata])
+        self._check_context()
+        settings = S2Settings.from_config(self)  # raises on a bad s2_* field
+        group, target = settings.group_size, self.target_context
         if group is not None and target is not None and group > target:
-            raise ValueError(f"s2_group_size ({group}) must be at most target_context ({target})")
+            raise InvalidSetting("s2_group_size", group, f"at most {{target_context}} ({target})")
         if self.target_modules is None:
             self.target_modules = FALLBACK_TARGET_MODULES
         if self.modules_to_save is None:
             self.modules_to_save = self._fallback_modules_to_save()
+            # Without a model we cannot tell whether its input and output embeddings are tied; peft ties them where
+            # they are, and does nothing where they are not.
+            if self.trainable_embeddings:
+                self.ensure_weight_tying = True
         super().__post_init__()
+
+    def _check_context(self) -> None:
+        original, target = self.original_context, self.target_context
+        if (original is None) != (target is None):
+            key, value = ("original_context", original) if target is None else ("target_context", target)
+            other = "target_context" if target is None else "original_context"
+            raise InvalidSetting(other, None, f"set together with {{{key}}} ({value})")
+        if target is not None and target <= original:
+            raise InvalidSetting("target_context", target, f"larger than {{original_context}} ({original})")
+        if target is None and (self.rope_type != "linear" or self.rope_options):
+            asked = "rope_options" if self.rope_options else "rope_type"
+            raise InvalidSetting(
+                "target_context", None, f"set for {{{asked}}} to have any effect ({asked} is given)"
+            )
+        check_rope_options(self.rope_type, self.rope_options)
 
     def _fallback_modules_to_save(self) -> list[str] | None:
         return [
@@ -168,9 +170,10 @@ class LongLoraConfig(LoraConfig):
             *(FALLBACK_NORMS if self.trainable_norms else ()),
         ] or None
 
-    def uses_fallback_modules_to_save(self) -> bool:
-        """True when modules_to_save are the name patterns of a config built without a model."""
-        return self.modules_to_save is not None and list(self.modules_to_save) == self._fallback_modules_to_save()
+    @classmethod
+    def resume_keys(cls) -> tuple[str, ...]:
+        """The fields a resumed run must share with the run that wrote its checkpoint."""
+        return (*_ADAPTER_DEFINING, *S2Settings.config_keys(portable_only=True))
 
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> "LongLoraConfig":
@@ -180,14 +183,6 @@ class LongLoraConfig(LoraConfig):
         if unknown:
             warnings.warn(f"LongLoraConfig ignores keys this version does not know: {unknown}", stacklevel=2)
         return cls(**{key: value for key, value in kwargs.items() if key in names})
-
-    def s2_settings(self) -> S2Settings:
-        return S2Settings(
-            group_size=self.s2_group_size,
-            group_size_ratio=self.s2_group_size_ratio,
-            shift=self.s2_shift,
-            logit_scale=self.s2_logit_scale,
-        )
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, **kwargs: Any) -> "LongLoraConfig":

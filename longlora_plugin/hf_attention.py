@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -21,107 +20,44 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
 
-from .ops import resolve_group_size, s2_attention
+from .ops import TokenLayout, s2_attention, token_layout
+from .settings import S2Settings
 
 __all__ = [
     "S2_ATTENTION",
-    "S2Settings",
     "S2AttentionMask",
+    "check_model_supports_s2",
     "configure_s2",
     "register_s2_attention",
     "s2_attention_forward",
-    "s2_attention_mask",
-    "s2_settings",
-    "check_model_supports_s2",
 ]
 
 S2_ATTENTION = "s2_attention"
-_BACKENDS = ("auto", "sdpa", "flash")
 
 
-@dataclass(frozen=True)
-class S2Settings:
-    """S2-Attn settings, read from a model config's ``s2_*`` attributes.
-
-    group_size: absolute G; when None, G = round(group_size_ratio * L) for a batch of length L.
-    group_size_ratio: in (0, 1], 0.25 by default (the paper's N/4).
-    shift: shift half of the heads by G // 2 (False: plain short attention, the paper's ablation).
-    backend: "auto" (flash-attn varlen on CUDA when installed, else SDPA), "sdpa" or "flash".
-    logit_scale: multiplies the attention logits inside the groups, in training only. 1.0 is the paper's S2-Attn.
-        Below 1 the model learns to attend more sharply than a group of G keys needs, so that full attention at
-        inference, over N / G times as many keys, stays as sharp (see docs/passkey-demo.md).
-    """
-
-    group_size: int | None = None
-    group_size_ratio: float = 0.25
-    shift: bool = True
-    backend: str = "auto"
-    logit_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        resolve_group_size(1, self.group_size, self.group_size_ratio)  # raises on a bad size or ratio
-        if not isinstance(self.shift, bool):
-            raise ValueError(f"s2_shift must be True or False, got {self.shift!r}")
-        if self.backend not in _BACKENDS:
-            raise ValueError(f"s2_backend must be one of {_BACKENDS}, got {self.backend!r}")
-        scale = self.logit_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
-            raise ValueError(f"s2_logit_scale must be a positive finite number (1.0: the paper's S2-Attn), got {scale!r}")
-
-    def group_size_for(self, seq_len: int) -> int:
-        return resolve_group_size(seq_len, self.group_size, self.group_size_ratio)
-
-
-def s2_settings(config: Any) -> S2Settings:
-    """Validated S2-Attn settings of a model config (defaults where unset)."""
-    ratio = getattr(config, "s2_group_size_ratio", None)
-    return S2Settings(
-        group_size=getattr(config, "s2_group_size", None),
-        group_size_ratio=0.25 if ratio is None else ratio,
-        shift=getattr(config, "s2_shift", True),
-        backend=getattr(config, "s2_backend", None) or "auto",
-        logit_scale=getattr(config, "s2_logit_scale", 1.0),
-    )
-
-
-def configure_s2(
-    model_or_config: Any,
-    *,
-    group_size: int | None = None,
-    group_size_ratio: float | None = None,
-    shift: bool | None = None,
-    backend: str | None = None,
-    logit_scale: float | None = None,
-) -> S2Settings:
-    """Set S2-Attn settings on a model (its config) or a config, validating them first. Returns the result."""
+def configure_s2(model_or_config: Any, **settings: Any) -> S2Settings:
+    """Set S2-Attn settings (fields of ``S2Settings``: ``group_size=...``, ``shift=...``) on a model's config or on a
+    config, validating them first; a refused change leaves the config as it was. Returns the settings in force."""
     config = getattr(model_or_config, "config", model_or_config)
-    current = s2_settings(config)
-    settings = S2Settings(
-        group_size=group_size if group_size is not None else current.group_size,
-        group_size_ratio=group_size_ratio if group_size_ratio is not None else current.group_size_ratio,
-        shift=shift if shift is not None else current.shift,
-        backend=backend if backend is not None else current.backend,
-        logit_scale=logit_scale if logit_scale is not None else current.logit_scale,
-    )
-    config.s2_group_size = settings.group_size
-    config.s2_group_size_ratio = settings.group_size_ratio
-    config.s2_shift = settings.shift
-    config.s2_backend = settings.backend
-    config.s2_logit_scale = settings.logit_scale
-    return settings
+    updated = S2Settings.from_config(config).updated(**settings)
+    updated.apply_to(config)
+    return updated
 
 
 class S2AttentionMask:
-    """What the model's mask builder hands to every layer under ``s2_attention``.
+    """What the model's mask builder hands to every layer under ``s2_attention``, once per forward.
 
-    ``padding_mask`` is (B, S) bool, True for real tokens, or None without padding: all S2-Attn needs.
+    ``padding_mask`` is (B, S) bool, True for real tokens, or None without padding. ``settings`` are the S2-Attn
+    settings, resolved once for all layers; ``layout(...)`` finds the batch's documents once for all layers.
     ``full(kind)`` builds, once, the mask transformers' own ``kind`` ("sdpa" or "eager") would have received.
     """
 
-    def __init__(self, padding_mask: torch.Tensor | None, mask_kwargs: dict[str, Any]):
+    def __init__(self, padding_mask: torch.Tensor | None, mask_kwargs: dict[str, Any], settings: S2Settings):
         self.padding_mask = padding_mask
+        self.settings = settings
         self._mask_kwargs = mask_kwargs
         self._full: dict[str, torch.Tensor | None] = {}
+        self._layout: tuple[tuple, TokenLayout] | None = None
 
     def full(self, kind: str) -> torch.Tensor | None:
         if kind not in self._full:
@@ -129,9 +65,22 @@ class S2AttentionMask:
             self._full[kind] = build(**self._mask_kwargs)
         return self._full[kind]
 
+    def layout(
+        self, batch: int, seq_len: int, position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None, device
+    ) -> TokenLayout:
+        """The documents of the batch; every layer of one forward passes the same tensors, so this runs once."""
+        key = (batch, seq_len, id(position_ids), id(cu_seqlens), str(device))
+        if self._layout is None or self._layout[0] != key:
+            layout = token_layout(
+                batch, seq_len, padding_mask=self.padding_mask, position_ids=position_ids, cu_seqlens=cu_seqlens,
+                device=device,
+            )
+            self._layout = (key, layout)
+        return self._layout[1]
+
     def __repr__(self) -> str:
         shape = None if self.padding_mask is None else tuple(self.padding_mask.shape)
-        return f"S2AttentionMask(padding_mask={shape})"
+        return f"S2AttentionMask(padding_mask={shape}, settings={self.settings})"
 
 
 def s2_attention_mask(
@@ -154,7 +103,7 @@ def s2_attention_mask(
         **kwargs,
     )
     padding = flash_attention_mask(batch_size, q_length, kv_length, attention_mask=attention_mask)
-    return S2AttentionMask(padding, mask_kwargs)
+    return S2AttentionMask(padding, mask_kwargs, S2Settings.from_config(kwargs.get("config")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,10 +145,9 @@ def _full_attention(
 
 
 def _padding_mask(attention_mask: Any) -> torch.Tensor | None:
+    """A bare call's (B, S) padding mask; anything but a 2-D mask is refused rather than ignored."""
     if attention_mask is None:
         return None
-    if isinstance(attention_mask, S2AttentionMask):
-        return attention_mask.padding_mask
     if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
         return attention_mask.bool()
     shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
@@ -224,21 +172,29 @@ def s2_attention_forward(
         return _full_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if not getattr(module, "is_causal", True):
         raise ValueError(f"s2_attention is for causal language models; {type(module).__name__} is not causal")
-    settings = s2_settings(module.config)
-    if settings.logit_scale != 1.0:
-        scaling = (query.shape[-1] ** -0.5 if scaling is None else scaling) * settings.logit_scale
+    batch, _, seq_len, _ = query.shape
+    position_ids = kwargs.get("position_ids")
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None and not torch.equal(cu_q, cu_k):
         raise ValueError("s2_attention needs cu_seq_lens_q == cu_seq_lens_k (self-attention over packed documents)")
+    if isinstance(attention_mask, S2AttentionMask):
+        settings = attention_mask.settings
+        layout = attention_mask.layout(batch, seq_len, position_ids, cu_q, query.device)
+    else:  # no mask from our mask function (a bare call, or a sequence-parallel wrapper): resolve here
+        settings = S2Settings.from_config(module.config)
+        layout = token_layout(
+            batch, seq_len, padding_mask=_padding_mask(attention_mask), position_ids=position_ids, cu_seqlens=cu_q,
+            device=query.device,
+        )
+    if settings.logit_scale != 1.0:
+        scaling = (query.shape[-1] ** -0.5 if scaling is None else scaling) * settings.logit_scale
     out = s2_attention(
         query,
         key,
         value,
-        group_size=settings.group_size_for(query.shape[2]),
+        group_size=settings.group_size_for(seq_len),
         shift=settings.shift,
-        padding_mask=_padding_mask(attention_mask),
-        position_ids=kwargs.get("position_ids"),
-        cu_seqlens=cu_q,
+        layout=layout,
         scaling=scaling,
         dropout=dropout,
         softcap=kwargs.get("softcap"),
@@ -257,7 +213,7 @@ def check_model_supports_s2(model: PreTrainedModel) -> None:
     support = get_plugin_manager().hook.longlora_s2_support(model=model)
     if support is not None and not support.supported:
         raise ValueError(f"s2_attention is not available for model_type '{model_type}' ({type(model).__name__}): {support.reason}")
-    s2_settings(config)
+    S2Settings.from_config(config)  # raises on a bad setting
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads < 1 or heads % kv_heads):
         raise ValueError(

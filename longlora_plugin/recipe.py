@@ -15,13 +15,15 @@ from typing import Any
 
 import yaml
 
+from .settings import InvalidSetting, S2Settings, setting, validate_settings
+
 __all__ = [
     "ContextSection",
     "DataSection",
     "LoraSection",
     "ModelSection",
+    "RECIPE_TO_CONFIG",
     "Recipe",
-    "S2Section",
     "apply_overrides",
     "load_recipe",
     "parse_overrides",
@@ -29,14 +31,7 @@ __all__ = [
 
 TOO_LONG_POLICIES = ("error", "truncate", "drop")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+TEXT_UNITS = ("document", "paragraph", "line")
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -58,34 +53,44 @@ def _read_yaml(text: str) -> Any:
 class ModelSection:
     name_or_path: str
     tokenizer: str | None = None  # defaults to name_or_path; "bytes" is the download-free byte tokenizer
-    dtype: str = "auto"  # "auto", "bfloat16", "float16", "float32"
-    trust_remote_code: bool = False
+    dtype: str = setting("auto", "Weights dtype.", choices=DTYPES)
+    trust_remote_code: bool = setting(False, "Allow model code from the hub.", "bool")
+
+
+# The adapter settings a recipe gives, as LongLoraConfig fields: LongLoraConfig holds their defaults and rules.
+RECIPE_TO_CONFIG = {
+    "context.original": "original_context",
+    "context.target": "target_context",
+    "context.rope_type": "rope_type",
+    "context.rope_rounding": "rope_rounding",
+    "context.rope_options": "rope_options",
+    "lora.r": "r",
+    "lora.alpha": "lora_alpha",
+    "lora.dropout": "lora_dropout",
+    "lora.trainable_embeddings": "trainable_embeddings",
+    "lora.trainable_norms": "trainable_norms",
+    "lora.target_modules": "target_modules",
+    **{f"s2.{name}": S2Settings.config_key(name) for name in S2Settings.names()},
+}
+_CONFIG_TO_RECIPE = {config_key: recipe_key for recipe_key, config_key in RECIPE_TO_CONFIG.items()}
 
 
 @dataclass
-class ContextSection:
+class ContextSection:  # None: LongLoraConfig's default
     original: int
     target: int
-    rope_type: str = "linear"
-    rope_rounding: str = "exact"  # or "ceil", as the paper
+    rope_type: str | None = None  # "linear" unless set
+    rope_rounding: str | None = None  # "exact", or "ceil" as the paper
     rope_options: dict | None = None  # further rope_parameters of rope_type, e.g. yarn's attention_factor
 
 
 @dataclass
-class S2Section:
-    group_size: int | None = None  # absolute G; otherwise fixed from group_size_ratio * context.target
-    group_size_ratio: float = 0.25
-    shift: bool = True
-    logit_scale: float = 1.0  # attention logits x this inside the groups in training; 1.0 is the paper's S2-Attn
-
-
-@dataclass
-class LoraSection:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    trainable_embeddings: bool = True
-    trainable_norms: bool = True
+class LoraSection:  # None: LongLoraConfig's default (the paper's r=8, alpha=16, dropout 0, embeddings and norms)
+    r: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    trainable_embeddings: bool | None = None
+    trainable_norms: bool | None = None
     target_modules: list[str] | None = None  # None: found from the model
 
 
@@ -95,12 +100,22 @@ class DataSection:
     path: str | None = None  # local .json/.jsonl/.parquet/.txt file, or a hub dataset name
     split: str = "train"
     text_field: str = "text"
-    too_long: str = "error"  # "error", "truncate" or "drop" a record longer than context.target
-    packing: bool = False  # TRL's padding-free packing (cu_seq_lens), which S2-Attn handles
-    max_records: int | None = None
-    num_samples: int = 1000  # for generated formats (passkey)
-    min_length: int | None = None  # generated formats: shortest sample (default context.original)
+    too_long: str = setting("error", "What to do with a record longer than context.target.", choices=TOO_LONG_POLICIES)
+    packing: bool = setting(False, "TRL's padding-free packing (cu_seq_lens), which S2-Attn handles.", "bool")
+    max_records: int | None = setting(None, "Use at most this many records.", "positive int or None")
+    num_samples: int = setting(1000, "How many samples a generated format (passkey) makes.", "positive int")
+    min_length: int | None = setting(
+        None, "Generated formats: the shortest sample (default context.original).", "positive int or None"
+    )
+    sample_by: str = setting(
+        "document", "A .txt file is one document, or one per paragraph, or one per line.", choices=TEXT_UNITS
+    )
     seed: int = 0
+
+
+def recipe_spelling(config_key: str) -> str:
+    """How a recipe writes a LongLoraConfig field (``s2_group_size`` -> ``s2.group_size``)."""
+    return _CONFIG_TO_RECIPE.get(config_key, config_key)
 
 
 @dataclass
@@ -108,38 +123,46 @@ class Recipe:
     model: ModelSection
     context: ContextSection
     data: DataSection
-    s2: S2Section = field(default_factory=S2Section)
+    s2: S2Settings = field(default_factory=S2Settings)
     lora: LoraSection = field(default_factory=LoraSection)
     training: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
 
     @property
     def group_size(self) -> int:
-        """The absolute G: the same grouping for every batch, whatever its length."""
-        if self.s2.group_size is not None:
-            return self.s2.group_size
-        return max(1, round(self.s2.group_size_ratio * self.context.target))
+        """The absolute G: fixed against context.target, so that every batch groups alike, whatever its length."""
+        return self.s2.group_size_for(self.context.target)
+
+    def longlora_kwargs(self) -> dict[str, Any]:
+        """The LongLoraConfig keyword arguments this recipe gives (unset keys keep the config's defaults)."""
+        sections = {"context": self.context, "lora": self.lora, "s2": self.s2}
+        kwargs = {}
+        for recipe_key, config_key in RECIPE_TO_CONFIG.items():
+            section, key = recipe_key.split(".")
+            value = getattr(sections[section], key)
+            if value is not None:
+                kwargs[config_key] = value
+        kwargs[S2Settings.config_key("group_size")] = self.group_size
+        return kwargs
+
+    def longlora_config(self):
+        """The adapter's LongLoraConfig, without a model (modules fall back to name patterns); validates the recipe's
+        adapter settings with the config's own rules and names a bad one by its recipe key."""
+        from .config import LongLoraConfig
+
+        try:
+            return LongLoraConfig(**self.longlora_kwargs())
+        except InvalidSetting as error:
+            raise ValueError(f"{self.source}: {error.message(recipe_spelling)}") from None
 
     def validate(self) -> None:
         where = self.source
-        for name in ("original", "target"):
-            value = getattr(self.context, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{where}: context.{name} must be a positive int, got {value!r}")
-        if self.context.target <= self.context.original:
-            raise ValueError(
-                f"{where}: context.target ({self.context.target}) must be larger than context.original "
-                f"({self.context.original})"
-            )
-        if self.data.too_long not in TOO_LONG_POLICIES:
-            raise ValueError(f"{where}: data.too_long must be one of {TOO_LONG_POLICIES}, got {self.data.too_long!r}")
-        ratio = self.s2.group_size_ratio
-        if not _is_number(ratio) or not 0 < ratio <= 1:
-            raise ValueError(f"{where}: s2.group_size_ratio must be a number in (0, 1], got {ratio!r}")
-        group = self.group_size
-        if not _is_int(group) or not 1 <= group <= self.context.target:
-            raise ValueError(f"{where}: s2.group_size must be an int in [1, context.target={self.context.target}], got {group!r}")
-        self._validate_choices()
+        for name in ("model", "data"):
+            validate_settings(getattr(self, name), key=lambda key, name=name: f"{where}: {name}.{key}")
+        low, target = self.data.min_length, self.context.target
+        if low is not None and isinstance(target, int) and low > target:
+            raise ValueError(f"{where}: data.min_length must be at most context.target ({target}), got {low!r}")
+        self.longlora_config()
         from trl import SFTConfig
 
         allowed = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -152,47 +175,11 @@ class Recipe:
                     f"{where}: training.{reserved} is set from the recipe (context.target, data.packing); remove it"
                 )
 
-    def _validate_choices(self) -> None:
-        """Values that would otherwise only fail once the model is loaded."""
-        from .rope import ROPE_TYPES, check_rope_options
-
-        modules = self.lora.target_modules
-        checks = [
-            ("model.dtype", self.model.dtype, self.model.dtype in DTYPES, f"one of {DTYPES}"),
-            ("context.rope_type", self.context.rope_type, self.context.rope_type in ROPE_TYPES, f"one of {ROPE_TYPES}"),
-            ("context.rope_rounding", self.context.rope_rounding, self.context.rope_rounding in ("exact", "ceil"),
-             "'exact' or 'ceil'"),
-            ("lora.r", self.lora.r, _is_int(self.lora.r) and self.lora.r >= 1, "a positive int"),
-            ("lora.alpha", self.lora.alpha, _is_number(self.lora.alpha) and self.lora.alpha > 0, "a positive number"),
-            ("lora.dropout", self.lora.dropout, _is_number(self.lora.dropout) and 0 <= self.lora.dropout < 1,
-             "a number in [0, 1)"),
-            ("lora.target_modules", modules,
-             modules is None or (isinstance(modules, list) and all(isinstance(m, str) for m in modules)),
-             "a list of module names, or null to find them in the model"),
-        ]
-        for name in ("s2.shift", "lora.trainable_embeddings", "lora.trainable_norms", "data.packing",
-                     "model.trust_remote_code"):
-            section, key = name.split(".")
-            value = getattr(getattr(self, section), key)
-            checks.append((name, value, isinstance(value, bool), "true or false"))
-        scale = self.s2.logit_scale
-        checks.append(("s2.logit_scale", scale, _is_number(scale) and 0 < scale < float("inf"), "a positive number"))
-        low, target = self.data.min_length, self.context.target
-        checks.append(("data.min_length", low, low is None or (_is_int(low) and 1 <= low <= target),
-                       f"null or an int in [1, context.target={target}]"))
-        for name, value, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{self.source}: {name} must be {allowed}, got {value!r}")
-        try:  # rope_type is known here: the checks above refused any other
-            check_rope_options(self.context.rope_type, self.context.rope_options)
-        except ValueError as error:
-            raise ValueError(f"{self.source}: context.{error}") from None
-
 
 SECTIONS = {
     "model": ModelSection,
     "context": ContextSection,
-    "s2": S2Section,
+    "s2": S2Settings,
     "lora": LoraSection,
     "data": DataSection,
 }
@@ -226,11 +213,11 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
     training = raw.get("training") or {}
     if not isinstance(training, dict):
         raise ValueError(f"{source}: section 'training' must be a mapping")
-    recipe = Recipe(
-        **{name: _section(cls, raw.get(name), name, source) for name, cls in SECTIONS.items()},
-        training=dict(training),
-        source=source,
-    )
+    try:
+        sections = {name: _section(cls, raw.get(name), name, source) for name, cls in SECTIONS.items()}
+    except InvalidSetting as error:  # the s2 section checks its values as it is built
+        raise ValueError(f"{source}: {error.message(recipe_spelling)}") from None
+    recipe = Recipe(**sections, training=dict(training), source=source)
     recipe.validate()
     return recipe
 

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import torch
 
+from .settings import InvalidSetting
+
 __all__ = [
     "ROPE_OPTIONS",
     "ROPE_TYPES",
@@ -34,22 +36,22 @@ ROPE_OPTIONS: dict[str, tuple[str, ...]] = {
 
 
 def check_rope_options(rope_type: str, options: dict | None) -> dict:
-    """``options`` as a plain dict, or a ValueError naming the key or value that ``rope_type`` does not take."""
+    """``options`` as a plain dict, or an InvalidSetting naming the key or value that ``rope_type`` does not take."""
     if options is None:
         return {}
     if not isinstance(options, dict):
-        raise ValueError(f"rope_options must be a mapping of {rope_type!r} parameters, got {options!r}")
+        raise InvalidSetting("rope_options", options, f"a mapping of {rope_type!r} parameters")
     allowed = ROPE_OPTIONS.get(rope_type, ())
     for key, value in options.items():
         if key not in allowed:
-            raise ValueError(
-                f"rope_options key {key!r} is not a {rope_type!r} parameter; allowed: {list(allowed) or 'none'}"
+            raise InvalidSetting(
+                "rope_options", options, f"{rope_type!r} parameters ({list(allowed) or 'none'}); {key!r} is not one"
             )
         if key == "truncate":
             if not isinstance(value, bool):
-                raise ValueError(f"rope_options['truncate'] must be true or false, got {value!r}")
+                raise InvalidSetting(f"rope_options[{key!r}]", value, "true or false")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"rope_options[{key!r}] must be a positive number, got {value!r}")
+            raise InvalidSetting(f"rope_options[{key!r}]", value, "a positive number")
     return dict(options)
 
 

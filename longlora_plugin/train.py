@@ -13,6 +13,7 @@ checkpoint and the adapter), every data record, and that a checkpoint to resume 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -22,26 +23,9 @@ from typing import Any
 import torch
 
 from .recipe import Recipe, load_recipe, parse_overrides
+from .sources import check_local_source
 
-__all__ = ["RESUME_KEYS", "build_trainer", "check_resume_checkpoint", "load_tokenizer", "main", "train"]
-
-# Adapter settings a resumed run must share with the run that wrote the checkpoint.
-RESUME_KEYS = (
-    "r",
-    "lora_alpha",
-    "target_modules",
-    "modules_to_save",
-    "trainable_embeddings",
-    "trainable_norms",
-    "original_context",
-    "target_context",
-    "rope_type",
-    "rope_rounding",
-    "rope_options",
-    "s2_group_size",
-    "s2_shift",
-    "s2_logit_scale",
-)
+__all__ = ["build_trainer", "check_resume_checkpoint", "load_tokenizer", "main", "run_recipe", "train"]
 
 # The paper's hyper-parameters where a recipe says nothing (TRL's own defaults otherwise).
 PAPER_DEFAULTS = dict(
@@ -64,18 +48,6 @@ def load_tokenizer(recipe: Recipe):
     return load_named_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
 
 
-def _check_local_source(value: str | None, name: str, source: str) -> None:
-    """A value that is plainly a path (absolute, ./, ../, ~, or with more than one '/') must exist.
-
-    Anything else may be a hub id ('org/name'), which only loading can check.
-    """
-    if value is None or value == "bytes":
-        return
-    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1
-    if looks_local and not Path(value).expanduser().exists():
-        raise ValueError(f"{source}: {name} {value} does not exist (give a local folder or a hub id like 'org/name')")
-
-
 def _check_output_dir(output_dir: str) -> None:
     """Fail now, not after hours of training, when the results could not be written."""
     path = Path(output_dir)
@@ -92,19 +64,39 @@ def _megabytes(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
+def _checkpoints_kept(args, total_steps: int) -> int:
+    """How many checkpoints lie on disk at once: save_total_limit, or every one the run writes when unlimited."""
+    if args.save_strategy == "no":
+        return 0
+    if args.save_strategy == "epoch":
+        written = max(1, math.ceil(args.num_train_epochs))
+    else:
+        every = args.save_steps if args.save_steps >= 1 else max(1, math.ceil(args.save_steps * total_steps))
+        written = max(1, total_steps // int(every))
+    return written if not args.save_total_limit else min(written, args.save_total_limit)
+
+
+def _total_steps(trainer) -> int:
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = math.ceil(len(trainer.train_dataset) / (args.per_device_train_batch_size * max(1, args.world_size)))
+    return math.ceil(batches / args.gradient_accumulation_steps * args.num_train_epochs)
+
+
 def _check_free_space(trainer) -> None:
-    """Fail now, not at the first save, when the disk cannot hold a checkpoint and the final adapter."""
+    """Fail now, not at a save, when the disk cannot hold the checkpoints the run keeps and the final adapter."""
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     adapter_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in trainable)
-    saves_checkpoints = trainer.args.save_strategy != "no"
     optimizer_bytes = sum(getattr(p, "ds_numel", p.numel()) * 8 for p in trainable)  # AdamW: two fp32 moments
-    needed = adapter_bytes + (adapter_bytes + optimizer_bytes if saves_checkpoints else 0)
+    checkpoints = _checkpoints_kept(trainer.args, _total_steps(trainer))
+    needed = adapter_bytes + checkpoints * (adapter_bytes + optimizer_bytes)
     free = shutil.disk_usage(trainer.args.output_dir).free
     if free < needed:
-        what = "one checkpoint and the final adapter" if saves_checkpoints else "the final adapter"
+        what = f"{checkpoints} checkpoint(s) and the final adapter" if checkpoints else "the final adapter"
         raise ValueError(
             f"training.output_dir {trainer.args.output_dir} has {_megabytes(free)} free, but {what} need about "
-            f"{_megabytes(needed)}; free some space or choose another output_dir"
+            f"{_megabytes(needed)}; free some space, lower training.save_total_limit or choose another output_dir"
         )
 
 
@@ -131,7 +123,8 @@ def _comparable(value: Any) -> Any:
 
 
 def check_resume_checkpoint(checkpoint: str | os.PathLike, model) -> None:
-    """Refuse a checkpoint written by another run: other adapter settings (RESUME_KEYS) or another base.
+    """Refuse a checkpoint written by another run: other adapter settings (LongLoraConfig.resume_keys()) or another
+    base.
 
     ``model`` is the PeftModel about to train. The base is compared through the checkpoint's longlora.json, which
     this module writes into every checkpoint (older checkpoints lack it; their adapter settings are still compared).
@@ -147,10 +140,11 @@ def check_resume_checkpoint(checkpoint: str | os.PathLike, model) -> None:
         )
     saved = json.loads(adapter_config.read_text())
     current = model.peft_config["default"]
+    defaults = type(current)()  # an older checkpoint lacks a key added since: it had the default
     differences = [
-        f"{key}={saved.get(key)!r} there, {getattr(current, key)!r} here"
-        for key in RESUME_KEYS
-        if _comparable(saved.get(key)) != _comparable(getattr(current, key))
+        f"{key}={saved.get(key, getattr(defaults, key))!r} there, {getattr(current, key)!r} here"
+        for key in type(current).resume_keys()
+        if _comparable(saved.get(key, getattr(defaults, key))) != _comparable(getattr(current, key))
     ]
     if differences:
         raise ValueError(
@@ -184,16 +178,16 @@ def build_trainer(recipe: Recipe):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from .adapter import apply_longlora_settings, check_modules_exist
-    from .hf_attention import S2_ATTENTION
+    from .adapter import prepare_base
     from .config import LongLoraConfig
+    from .hf_attention import S2_ATTENTION
     from .plugins import dataset_formats
 
     formats = dataset_formats()
     if recipe.data.format not in formats:
         raise ValueError(f"{recipe.source}: data.format {recipe.data.format!r} is not one of {sorted(formats)}")
-    _check_local_source(recipe.model.name_or_path, "model.name_or_path", recipe.source)
-    _check_local_source(recipe.model.tokenizer, "model.tokenizer", recipe.source)
+    check_local_source(recipe.model.name_or_path, f"{recipe.source}: model.name_or_path")
+    check_local_source(recipe.model.tokenizer, f"{recipe.source}: model.tokenizer")
     training = {**PAPER_DEFAULTS, **recipe.training}
     training.setdefault("output_dir", "runs/longlora")
     _check_output_dir(training["output_dir"])
@@ -215,27 +209,8 @@ def build_trainer(recipe: Recipe):
         attn_implementation=S2_ATTENTION,
         trust_remote_code=recipe.model.trust_remote_code,
     )
-    lora = recipe.lora
-    config_kwargs: dict[str, Any] = dict(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        trainable_embeddings=lora.trainable_embeddings,
-        trainable_norms=lora.trainable_norms,
-        original_context=recipe.context.original,
-        target_context=recipe.context.target,
-        rope_type=recipe.context.rope_type,
-        rope_rounding=recipe.context.rope_rounding,
-        rope_options=recipe.context.rope_options,
-        s2_group_size=recipe.group_size,
-        s2_shift=recipe.s2.shift,
-        s2_logit_scale=recipe.s2.logit_scale,
-    )
-    if lora.target_modules is not None:
-        config_kwargs["target_modules"] = lora.target_modules
-    config = LongLoraConfig.for_model(model, **config_kwargs)
-    check_modules_exist(model, config)
-    apply_longlora_settings(model, config)  # position interpolation and S2-Attn on the base
+    config = LongLoraConfig.for_model(model, **recipe.longlora_kwargs())
+    prepare_base(model, config)  # position interpolation and S2-Attn on the base
     # TRL wraps the model with peft itself, which it does in the way DeepSpeed ZeRO-3 needs.
     trainer = SFTTrainer(
         model=model,
@@ -274,14 +249,25 @@ def train(recipe: Recipe):
     return trainer
 
 
+def run_recipe(argv: list[str]):
+    """``RECIPE.yaml --section.key value ...``: load, override, train."""
+    recipe = load_recipe(argv[0], parse_overrides(argv[1:]))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return train(recipe)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    recipe = load_recipe(argv[0], parse_overrides(argv[1:]))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train(recipe)
+    try:
+        run_recipe(argv)
+    except (ValueError, OSError) as error:  # bad input: one line per rank; LONGLORA_DEBUG=1 shows the traceback
+        if os.environ.get("LONGLORA_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"longlora: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

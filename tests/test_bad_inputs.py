@@ -138,7 +138,7 @@ API = [
         "model_type 'falcon'",
         "generic attention interface",
     ),
-    case("api-group-size-zero-at-load", lambda w: s2_model("llama", s2_group_size=0), "s2_group_size", "positive int, got 0"),
+    case("api-group-size-zero-at-load", lambda w: s2_model("llama", s2_group_size=0), "s2_group_size", "positive int or None, got 0"),
     case(
         "api-group-ratio-above-one-at-load",
         lambda w: s2_model("llama", s2_group_size_ratio=1.5),
@@ -152,8 +152,7 @@ API = [
     case(
         "api-group-larger-than-target-context",
         lambda w: LongLoraConfig(original_context=64, target_context=256, s2_group_size=512),
-        "s2_group_size (512)",
-        "at most target_context (256)",
+        "s2_group_size must be at most target_context (256), got 512",
     ),
     case(
         "api-group-larger-than-model-context",
@@ -204,14 +203,14 @@ API = [
     case(
         "api-config-target-below-original",
         lambda w: LongLoraConfig(original_context=4096, target_context=2048),
-        "target_context (2048) must be larger than original_context (4096)",
+        "target_context must be larger than original_context (4096), got 2048",
     ),
     case(
         "api-modules-that-do-not-exist",
         lambda w: get_longlora_model(w.llama(), LongLoraConfig(target_modules=["q_proj", "qkv"])),
         "model_type 'llama' does not have: ['qkv']",
     ),
-    case("api-lora-rank-zero", lambda w: LongLoraConfig(r=0), "r (the LoRA rank) must be a positive int, got 0"),
+    case("api-lora-rank-zero", lambda w: LongLoraConfig(r=0), "r must be a positive int, got 0"),
     case("api-lora-dropout-above-one", lambda w: LongLoraConfig(lora_dropout=1.5), "lora_dropout", "[0, 1), got 1.5"),
     case(
         "api-load-onto-another-size",
@@ -260,41 +259,41 @@ RECIPE = [
     case(
         "recipe-context-not-an-int",
         lambda w: w.load({"context.target": "4k"}),
-        "context.target must be a positive int, got '4k'",
+        "context.target must be a positive int or None, got '4k'",
     ),
     case(
         "recipe-target-below-original",
         lambda w: w.load({"context.target": 32}),
-        "context.target (32) must be larger than context.original (64)",
+        "context.target must be larger than context.original (64), got 32",
     ),
     case(
         "recipe-group-size-zero",
         lambda w: w.load({"s2.group_size": 0}),
-        "s2.group_size must be an int in [1, context.target=256], got 0",
+        "s2.group_size must be a positive int or None, got 0",
     ),
     case(
         "recipe-group-size-above-target",
         lambda w: w.load({"s2.group_size": 1000}),
-        "s2.group_size must be an int in [1, context.target=256], got 1000",
+        "s2.group_size must be at most context.target (256), got 1000",
     ),
     case(
         "recipe-group-ratio-negative",
         lambda w: w.load({"s2.group_size": None, "s2.group_size_ratio": -0.5}),
         "s2.group_size_ratio must be a number in (0, 1], got -0.5",
     ),
-    case("recipe-shift-not-bool", lambda w: w.load({"s2.shift": "no"}), "s2.shift must be true or false, got 'no'"),
+    case("recipe-shift-not-bool", lambda w: w.load({"s2.shift": "no"}), "s2.shift must be True or False, got 'no'"),
     case("recipe-dtype-unknown", lambda w: w.load({"model.dtype": "fp16"}), "model.dtype must be one of", "got 'fp16'"),
     case("recipe-rope-type-unknown", lambda w: w.load({"context.rope_type": "ntk"}), "rope_type must be one of", "got 'ntk'"),
     case(
         "recipe-rope-option-of-another-type",
         lambda w: w.load({"context.rope_type": "yarn", "context.rope_options": {"high_freq_factor": 4.0}}),
-        "context.rope_options key 'high_freq_factor' is not a 'yarn' parameter",
-        "allowed: ['attention_factor'",
+        "context.rope_options must be 'yarn' parameters (['attention_factor'",
+        "'high_freq_factor' is not one",
     ),
     case("recipe-lora-rank-zero", lambda w: w.load({"lora.r": 0}), "lora.r must be a positive int, got 0"),
     case("recipe-min-length-above-target", lambda w: w.load({"data.min_length": 100000}), "data.min_length must be",
          "got 100000"),
-    case("recipe-logit-scale-zero", lambda w: w.load({"s2.logit_scale": 0}), "s2.logit_scale must be a positive number",
+    case("recipe-logit-scale-zero", lambda w: w.load({"s2.logit_scale": 0}), "s2.logit_scale must be a positive finite number",
          "got 0"),
     case("recipe-too-long-policy-unknown", lambda w: w.load({"data.too_long": "ignore"}), "data.too_long", "got 'ignore'"),
     case("recipe-data-format-unknown", lambda w: w.build({"data.format": "alpaca"}), "'alpaca' is not one of", "'longalpaca'"),
@@ -381,53 +380,63 @@ RECIPE = [
     ),
 ]
 
+def cli_case(case_id: str, trigger, *expected: str):
+    """A bad command line: one line on stderr, ``longlora: error: ...``, exit status 2, no traceback."""
+    return case(case_id, trigger, "longlora: error: ", *expected, error=SystemExit)
+
+
 CLI = [
-    case("cli-train-missing-recipe", lambda w: cli(["train", str(w.folder / "absent.yaml")]), "no recipe file at", "absent.yaml"),
-    case(
+    cli_case("cli-train-missing-recipe", lambda w: cli(["train", str(w.folder / "absent.yaml")]), "no recipe file at", "absent.yaml"),
+    cli_case(
         "cli-train-override-without-dashes",
         lambda w: cli(["train", str(w.recipe), "max_steps", "1"]),
         "expected --section.key value, got 'max_steps'",
     ),
-    case(
+    cli_case(
         "cli-train-unknown-override",
         lambda w: cli(["train", str(w.recipe), "--training.learning_rte", "1e-3"]),
         "unknown training keys ['learning_rte']",
     ),
-    case(
+    cli_case(
         "cli-train-bad-override-value",
         lambda w: cli(["train", str(w.recipe), "--s2.group_size", "0"]),
-        "s2.group_size must be an int in [1, context.target=256], got 0",
+        "s2.group_size must be a positive int or None, got 0",
     ),
-    case(
+    cli_case(
+        "cli-merge-missing-local-base",
+        lambda w: cli(["merge", "--base", str(w.folder / "no-such-base"), "--adapter", w.adapter, "--output", "x"]),
+        "--base", "no-such-base does not exist",
+    ),
+    cli_case(
         "cli-merge-onto-another-base",
         lambda w: cli(["merge", "--base", w.other_base, "--adapter", w.adapter, "--output", str(w.folder / "merged")]),
         "hidden_size=64",
         "this base has hidden_size=96",
     ),
-    case(
+    cli_case(
         "cli-merge-a-folder-that-is-no-adapter",
         lambda w: cli(["merge", "--base", str(w.base), "--adapter", str(w.base), "--output", str(w.folder / "merged")]),
         "is not a complete LongLoRA adapter folder",
     ),
-    case(
+    cli_case(
         "cli-eval-passkey-min-length-zero",  # the model does not exist: the check must come before loading it
         lambda w: cli(["eval", "passkey", "--model", str(w.folder / "absent"), "--min-length", "0", "--max-length", "64"]),
         "1 <= min-length <= max-length",
         "got 0, 64",
     ),
-    case(
+    cli_case(
         "cli-eval-passkey-trials-zero",
         lambda w: cli(["eval", "passkey", "--model", str(w.folder / "absent"), "--max-length", "64", "--min-length", "32",
                        "--trials", "0"]),
         "--trials must be at least 1, got 0",
     ),
-    case(
+    cli_case(
         "cli-eval-ppl-length-one",
         lambda w: cli(["eval", "ppl", "--model", str(w.folder / "absent"), "--data", "x.txt", "--lengths", "1", "64"]),
         "--lengths must all be at least 2",
         "got [1, 64]",
     ),
-    case(
+    case(  # argparse's own error: "longlora eval ppl: error: ...", exit status 2
         "cli-eval-ppl-lengths-not-int",
         lambda w: cli(["eval", "ppl", "--model", "m", "--data", "x.txt", "--lengths", "abc"]),
         "argument --lengths: invalid int value: 'abc'",
@@ -464,3 +473,13 @@ def test_a_tokenizer_without_pad_pads_with_eos(world, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     loaded = load_tokenizer(world.load({"model.tokenizer": str(tmp_path)}))
     assert loaded.pad_token == loaded.eos_token == "</s>"
+
+
+def test_cli_errors_are_one_line_and_debug_shows_the_exception(capsys):
+    bad = ["eval", "ppl", "--model", "m", "--data", "x.txt", "--lengths", "1"]
+    with pytest.raises(SystemExit) as raised:
+        cli(bad)
+    error = capsys.readouterr().err
+    assert raised.value.code == 2 and error.count("\n") == 1 and error.startswith("longlora: error: --lengths")
+    with pytest.raises(ValueError, match="--lengths must all be at least 2"):
+        cli(["--debug", *bad])

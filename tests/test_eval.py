@@ -92,3 +92,18 @@ def test_eval_passkey_beyond_the_trained_length_extends_rope(tmp_path, capsys):
     assert cli(["eval", "passkey", "--model", str(base), "--tokenizer", "bytes", "--min-length", "512",
                 "--max-length", "512", "--trials", "2", "--no-intro", "--quiet", "--extend-to", "1024"]) == 0
     assert "rope extended by a further x4 to 1024 tokens" in capsys.readouterr().out
+
+
+def test_a_txt_file_is_scored_as_one_document_so_perplexity_depends_on_the_context(model, tmp_path):
+    """Read line by line, no window could hold more than a line: every length >= a line's gave the same perplexity."""
+    model.save_pretrained(tmp_path / "model")
+    book = tmp_path / "book.txt"
+    book.write_text("\n".join(f"Chapter {i % 7}: the river ran past the mill again." for i in range(40)))
+    results = {}
+    for unit in ("document", "line"):
+        out = tmp_path / f"ppl-{unit}.json"
+        assert cli(["eval", "ppl", "--model", str(tmp_path / "model"), "--tokenizer", "bytes", "--data", str(book),
+                    "--lengths", "64", "256", "--stride", "32", "--quiet", "--sample-by", unit, "--output", str(out)]) == 0
+        results[unit] = json.loads(out.read_text())["perplexity"]
+    assert results["line"]["64"] == results["line"]["256"]  # lines are shorter than 64 tokens
+    assert abs(results["document"]["64"] - results["document"]["256"]) > 1e-3

@@ -4,7 +4,8 @@ import pytest
 import torch
 from tests.helpers.reference import document_positions
 
-from longlora_plugin.ops import bucket_segments, resolve_group_size, s2_segments, token_layout
+from longlora_plugin import S2Settings
+from longlora_plugin.ops import bucket_segments, s2_segments, token_layout
 
 
 def segments_as_lists(layout, group_size, offset):
@@ -101,13 +102,16 @@ def test_buckets_cover_every_token_once():
 
 
 def test_group_size_resolution():
-    assert resolve_group_size(1000, None, None) == 250
-    assert resolve_group_size(1000, None, 0.5) == 500
-    assert resolve_group_size(1000, 64, 0.5) == 64
-    assert resolve_group_size(1, None, 0.25) == 1
+    def group(seq_len, **settings):
+        return S2Settings(**settings).group_size_for(seq_len)
+
+    assert group(1000) == 250
+    assert group(1000, group_size_ratio=0.5) == 500
+    assert group(1000, group_size=64, group_size_ratio=0.5) == 64
+    assert group(1, group_size_ratio=0.25) == 1
     for bad in (0, -3, 2.0, True):
-        with pytest.raises(ValueError, match="s2_group_size must be a positive int"):
-            resolve_group_size(10, bad, None)
+        with pytest.raises(ValueError, match="s2_group_size must be a positive int or None"):
+            S2Settings(group_size=bad)
     for bad in (0.0, 1.5, -0.1, "0.25"):
         with pytest.raises(ValueError, match=r"s2_group_size_ratio must be a number in \(0, 1\]"):
-            resolve_group_size(10, None, bad)
+            S2Settings(group_size_ratio=bad)

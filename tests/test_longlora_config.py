@@ -110,11 +110,13 @@ def test_saved_config_keeps_longlora_fields(tmp_path):
     [
         (dict(trainable_norms="yes"), "trainable_norms must be True or False, got 'yes'"),
         (dict(original_context=0, target_context=10), "original_context must be a positive int or None, got 0"),
-        (dict(original_context=4096), "original_context and target_context go together"),
-        (dict(original_context=4096, target_context=2048), r"target_context \(2048\) must be larger"),
+        (dict(original_context=4096), r"target_context must be set together with original_context \(4096\)"),
+        (dict(original_context=4096, target_context=2048), r"target_context must be larger than original_context \(4096\), got 2048"),
         (dict(rope_type="ntk"), "rope_type must be one of .* got 'ntk'"),
-        (dict(rope_rounding="floor"), "rope_rounding must be 'exact' or 'ceil', got 'floor'"),
-        (dict(s2_group_size=-1), "s2_group_size must be a positive int, got -1"),
+        (dict(rope_rounding="floor"), r"rope_rounding must be one of \('exact', 'ceil'\), got 'floor'"),
+        (dict(s2_group_size=-1), "s2_group_size must be a positive int or None, got -1"),
+        (dict(rope_type="yarn"), "target_context must be set for rope_type to have any effect"),
+        (dict(rope_options={"attention_factor": 1.1}), "target_context must be set for rope_options"),
         (dict(s2_group_size_ratio=2.0), r"s2_group_size_ratio must be a number in \(0, 1\], got 2.0"),
     ],
 )

@@ -15,20 +15,20 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 import longlora_plugin
-from longlora_plugin import S2_ATTENTION, s2_settings
+from longlora_plugin import S2_ATTENTION, S2Settings
 
 REFERENCE = "s2_reference_for_tests"
 
 
 def reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     assert module.training and dropout == 0.0
-    group_size = s2_settings(module.config).group_size_for(query.shape[2])
+    settings = S2Settings.from_config(module.config)
     out = reference_s2_attention(
         query,
         key,
         value,
-        group_size=group_size,
-        shift=s2_settings(module.config).shift,
+        group_size=settings.group_size_for(query.shape[2]),
+        shift=settings.shift,
         padding_mask=attention_mask,
         position_ids=kwargs.get("position_ids"),
         cu_seqlens=kwargs.get("cu_seq_lens_q"),
@@ -134,7 +134,7 @@ def test_models_outside_the_attention_interface_fail_at_load(model_type):
 
 
 def test_bad_settings_fail_at_load_and_name_the_value():
-    with pytest.raises(ValueError, match="s2_group_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="s2_group_size must be a positive int or None, got 0"):
         AutoModelForCausalLM.from_config(tiny_config("llama", s2_group_size=0), attn_implementation=S2_ATTENTION)
     with pytest.raises(ValueError, match=r"s2_group_size_ratio .* got 1.5"):
         AutoModelForCausalLM.from_config(tiny_config("llama", s2_group_size_ratio=1.5), attn_implementation=S2_ATTENTION)

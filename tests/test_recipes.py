@@ -90,9 +90,9 @@ def test_overrides_are_typed_and_dotted():
         (lambda r: r.update(optimizer={}), r"unknown sections \['optimizer'\]"),
         (lambda r: r["training"].update(learning_rte=1.0), r"unknown training keys \['learning_rte'\]"),
         (lambda r: r["training"].update(max_length=10), "training.max_length is set from the recipe"),
-        (lambda r: r["context"].update(target=32), r"context.target \(32\) must be larger than context.original \(64\)"),
+        (lambda r: r["context"].update(target=32), r"context.target must be larger than context.original \(64\), got 32"),
         (lambda r: r["data"].update(too_long="ignore"), "data.too_long must be one of .* got 'ignore'"),
-        (lambda r: r["s2"].update(group_size=1000), r"s2.group_size must be an int in \[1, context.target=512\], got 1000"),
+        (lambda r: r["s2"].update(group_size=1000), r"s2.group_size must be at most context.target \(512\), got 1000"),
         (lambda r: r.pop("data"), "needs a 'data' section"),
     ],
 )
@@ -159,11 +159,21 @@ def test_local_file_formats_load(tiny_base, tmp_path, suffix):
 def test_text_format_joins_documents_with_eos_into_blocks(tiny_base, tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(f"document number {i} " * 5 for i in range(60)))
-    raw = recipe_dict(tiny_base, path, format="text")
+    raw = recipe_dict(tiny_base, path, format="text", sample_by="line")
     trainer = build_trainer(recipe_from_dict(raw))
     blocks = trainer.train_dataset["input_ids"]
     assert len(blocks) >= 2 and all(len(b) == 512 for b in blocks)
     assert any(2 in b for b in blocks)  # EOS (id 2) between documents
+
+
+def test_a_txt_file_is_one_document_unless_asked_otherwise(tiny_base, tmp_path):
+    """A book's lines belong together: no EOS is put between them, and blocks run across line ends."""
+    path = tmp_path / "book.txt"
+    path.write_text("\n".join(f"line {i} of one long book." for i in range(200)))
+    trainer = build_trainer(recipe_from_dict(recipe_dict(tiny_base, path, format="text")))
+    blocks = trainer.train_dataset["input_ids"]
+    assert len(blocks) >= 5 and not any(2 in b for b in blocks)
+    assert any(b.count(ord("\n") + 3) > 5 for b in blocks)  # many line breaks inside one block
 
 
 def test_train_cli_writes_a_complete_adapter_then_merge_and_eval(tiny_base, tmp_path):

@@ -112,8 +112,8 @@ def test_attention_factor_multiplies_the_attention_logits_by_its_square():
 @pytest.mark.parametrize(
     ("rope_type", "options", "message"),
     [
-        ("yarn", {"low_freq_factor": 1.0}, r"'low_freq_factor' is not a 'yarn' parameter; allowed: \['attention"),
-        ("linear", {"attention_factor": 2.0}, "'attention_factor' is not a 'linear' parameter; allowed: none"),
+        ("yarn", {"low_freq_factor": 1.0}, r"rope_options must be 'yarn' parameters \(\['attention_factor', .*\]\); 'low_freq_factor' is not one"),
+        ("linear", {"attention_factor": 2.0}, r"rope_options must be 'linear' parameters \(none\); 'attention_factor' is not one"),
         ("yarn", {"attention_factor": 0}, r"rope_options\['attention_factor'\] must be a positive number, got 0"),
         ("yarn", {"truncate": "no"}, r"rope_options\['truncate'\] must be true or false, got 'no'"),
         ("llama3", [("low_freq_factor", 1.0)], "rope_options must be a mapping"),

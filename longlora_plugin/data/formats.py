@@ -44,34 +44,45 @@ ALPACA_PROMPT_WITH_INPUT = (
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 
 
-def load_records(data: Any):
-    """A ``datasets.Dataset`` of the raw records: a local file by its extension, else a hub dataset name."""
+def load_records(
+    path: str | None, *, split: str = "train", max_records: int | None = None, sample_by: str = "document"
+):
+    """A ``datasets.Dataset`` of the raw records: a local file by its extension, else a hub dataset name.
+
+    A .txt file gives one record per document (the whole file), paragraph or line, as ``sample_by`` says: a book read
+    line by line would never show a model more context than a line.
+    """
     from datasets import load_dataset
 
-    if not data.path:
-        raise ValueError(f"data.format '{data.format}' needs data.path (a local file or a hub dataset name)")
-    path = Path(data.path)
-    if path.exists():
-        builder = FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None or not path.is_file():
-            raise ValueError(f"data.path {path} must be a file ending in one of {sorted(FILE_BUILDERS)}")
-        if path.stat().st_size < 64 and path.read_bytes().strip() in (b"", b"[]", b"{}"):
-            raise ValueError(f"data.path {path} holds no records")
+    if not path:
+        raise ValueError("data.path must name a local file or a hub dataset, got nothing")
+    source = Path(path)
+    if source.exists():
+        builder = FILE_BUILDERS.get(source.suffix.lower())
+        if builder is None or not source.is_file():
+            raise ValueError(f"data.path {source} must be a file ending in one of {sorted(FILE_BUILDERS)}")
+        if source.stat().st_size < 64 and source.read_bytes().strip() in (b"", b"[]", b"{}"):
+            raise ValueError(f"data.path {source} holds no records")
         if builder in ("json", "text"):
-            _check_utf8(path)
+            _check_utf8(source)
+        options = {"sample_by": sample_by} if builder == "text" else {}
         try:
-            records = load_dataset(builder, data_files=str(path), split="train")
+            records = load_dataset(builder, data_files=str(source), split="train", **options)
         except Exception as error:  # datasets wraps parse errors deeply; name the file and the root cause
-            raise ValueError(f"cannot read {path} as {builder}: {error} ({_root_cause(error)})") from error
-    elif path.suffix.lower() in FILE_BUILDERS or path.is_absolute():
-        raise ValueError(f"data.path {path} does not exist (give a local data file or a hub dataset name)")
+            raise ValueError(f"cannot read {source} as {builder}: {error} ({_root_cause(error)})") from error
+    elif source.suffix.lower() in FILE_BUILDERS or source.is_absolute():
+        raise ValueError(f"data.path {source} does not exist (give a local data file or a hub dataset name)")
     else:
-        records = load_dataset(data.path, split=data.split)
+        records = load_dataset(path, split=split)
     if len(records) == 0:
-        raise ValueError(f"data.path {data.path} holds no records")
-    if data.max_records is not None:
-        records = records.select(range(min(data.max_records, len(records))))
+        raise ValueError(f"data.path {path} holds no records")
+    if max_records is not None:
+        records = records.select(range(min(max_records, len(records))))
     return records
+
+
+def _recipe_records(data: Any):
+    return load_records(data.path, split=data.split, max_records=data.max_records, sample_by=data.sample_by)
 
 
 def _root_cause(error: BaseException) -> str:
@@ -126,7 +137,7 @@ def prepare_longalpaca(recipe: Any, tokenizer: Any):
     from datasets import Dataset
 
     data, target = recipe.data, recipe.context.target
-    records = load_records(data)
+    records = _recipe_records(data)
     prompts, completions, dropped, truncated = [], [], 0, 0
     eos = tokenizer.eos_token or ""
     for index, record in enumerate(records):
@@ -158,7 +169,7 @@ def prepare_text(recipe: Any, tokenizer: Any):
     from datasets import Dataset
 
     data, target = recipe.data, recipe.context.target
-    records = load_records(data)
+    records = _recipe_records(data)
     if tokenizer.eos_token_id is None:
         raise ValueError("continued pre-training joins documents with EOS, but the tokenizer has no eos_token")
     stream: list[int] = []

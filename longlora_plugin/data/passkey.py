@@ -1,5 +1,5 @@
-"""Passkey retrieval, the paper's protocol (after Landmark Attention): a random key hidden at a random depth in
-filler text, then a question; the answer is the key, read by greedy decoding and scored by exact match."""
+"""The passkey-retrieval task, the paper's protocol (after Landmark Attention): a random key hidden at a random depth
+in filler text, then a question; the answer is the key. Scoring lives in ``longlora_plugin.eval.passkey``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ __all__ = [
     "PASSKEY_QUESTION",
     "PasskeySample",
     "make_passkey_sample",
-    "passkey_accuracy",
     "passkey_batch",
 ]
 
@@ -95,41 +94,3 @@ def passkey_batch(
         labels.append(row_labels[:length])
         starts.append(len(sample.prompt_ids))
     return torch.tensor(rows), torch.tensor(labels), torch.tensor(starts)
-
-
-def passkey_accuracy(
-    model,
-    encode: Callable[[str], list[int]],
-    length: int,
-    trials: int,
-    *,
-    seed: int = 0,
-    batch_size: int = 8,
-    intro: str = PASSKEY_INTRO,
-    depth: float | None = None,
-) -> float:
-    """Exact-match accuracy of greedy decoding, computed teacher-forced in one pass per batch.
-
-    ``depth`` fixes where the key is hidden (0 = start, 1 = end); None draws it at random per sample.
-    Greedy decoding reproduces the key exactly iff the argmax at every answer position is the key's next token, so
-    checking all answer positions at once is the same test as decoding token by token.
-    """
-    import torch
-
-    rng = random.Random(seed)
-    correct = 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        done = 0
-        while done < trials:
-            n = min(batch_size, trials - done)
-            input_ids, labels, _ = passkey_batch(encode, length, n, rng, intro=intro, depth=depth)
-            logits = model(input_ids=input_ids).logits  # (B, S, V)
-            predicted = logits[:, :-1].argmax(-1)  # prediction for token t + 1
-            targets = labels[:, 1:]
-            answer = targets != -100
-            correct += int(((predicted == targets) | ~answer).all(dim=1).sum())
-            done += n
-    model.train(was_training)
-    return correct / trials

@@ -49,7 +49,7 @@ class PasskeyDemoResult:
 def run_passkey_demo(*, overrides: dict | None = None, trials: int = 40, speed_lengths: tuple[int, ...] = (8192,), log=print) -> PasskeyDemoResult:
     from transformers import AutoModelForCausalLM
 
-    from ..data.passkey import passkey_accuracy
+    from ..eval.passkey import passkey_accuracy
     from ..eval.plots import plot_passkey
     from ..recipe import load_recipe
     from ..rope import extend_rope
@@ -57,6 +57,7 @@ def run_passkey_demo(*, overrides: dict | None = None, trials: int = 40, speed_l
     from .timing import compare_kernel_times
 
     recipe = load_recipe(_recipes_dir() / DEMO_RECIPE, overrides)
+    adapter = recipe.longlora_config()
     original, target = recipe.context.original, recipe.context.target
     tokenizer = load_tokenizer(recipe)
 
@@ -75,16 +76,16 @@ def run_passkey_demo(*, overrides: dict | None = None, trials: int = 40, speed_l
     log(f"base model: {recipe.model.name_or_path} ({original}-token context); passkey, {trials} trials per length")
     accuracy[f"base ({original})"] = evaluate(load_base())
     interpolated = load_base()
-    rope_type = recipe.context.rope_type
+    rope_type = adapter.rope_type
     factor = extend_rope(
-        interpolated, target, original_length=original, rope_type=rope_type, rope_options=recipe.context.rope_options
+        interpolated, target, original_length=original, rope_type=rope_type, rope_options=adapter.rope_options
     )
     accuracy[f"{rope_type} interpolation x{factor:g}, no fine-tuning"] = evaluate(interpolated)
 
     steps = recipe.training.get("max_steps")
     scale = "" if recipe.s2.logit_scale == 1.0 else f" (training logits x{recipe.s2.logit_scale:g})"
-    log(f"LongLoRA: {original} -> {target} tokens, S2-Attn G={recipe.group_size}{scale}, LoRA r={recipe.lora.r} + "
-        f"embeddings + norms, {recipe.context.rope_type} interpolation, {steps} steps of batch "
+    log(f"LongLoRA: {original} -> {target} tokens, S2-Attn G={recipe.group_size}{scale}, LoRA r={adapter.r} + "
+        f"embeddings + norms, {rope_type} interpolation, {steps} steps of batch "
         f"{recipe.training.get('per_device_train_batch_size')}")
     start = time.perf_counter()
     trainer = train(recipe)

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load_for_eval", "passkey_lengths"]
-
-
-def passkey_lengths(minimum: int, maximum: int, interval: int) -> list[int]:
-    if minimum < 1 or maximum < minimum or interval < 1:
-        raise ValueError(f"need 1 <= min-length <= max-length and interval >= 1, got {minimum}, {maximum}, {interval}")
-    lengths = list(range(minimum, maximum + 1, interval))
-    return lengths if lengths[-1] == maximum else [*lengths, maximum]
+__all__ = ["load_for_eval"]
 
 
 def load_for_eval(model_name: str, *, adapter: str | None = None, tokenizer: str | None = None) -> tuple[Any, Any]:

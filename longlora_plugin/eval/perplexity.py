@@ -12,7 +12,18 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["sliding_window_nll", "perplexity_at_lengths"]
+__all__ = ["document_token_ids", "perplexity_at_lengths", "sliding_window_nll"]
+
+
+def document_token_ids(records, tokenizer, text_field: str, *, max_tokens: int | None = None, source: str = "data"):
+    """Each record's ``text_field`` as token ids (no special tokens), cut to ``max_tokens``."""
+    documents = []
+    for index, record in enumerate(records):
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            raise ValueError(f"{source}: record {index} has no text field '{text_field}'")
+        documents.append(tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens])
+    return documents
 
 
 def sliding_window_nll(model, tokens: list[int], context_length: int, stride: int) -> tuple[float, int]:

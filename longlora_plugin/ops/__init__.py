@@ -5,20 +5,19 @@ from .layout import (
     SegmentBucket,
     TokenLayout,
     bucket_segments,
-    resolve_group_size,
     s2_segments,
     token_layout,
 )
-from .shifted_sparse import Backend, flash_attn_available, s2_attention
+from .shifted_sparse import BACKENDS, Backend, flash_attn_available, s2_attention
 
 __all__ = [
+    "BACKENDS",
     "Backend",
     "Segments",
     "SegmentBucket",
     "TokenLayout",
     "bucket_segments",
     "flash_attn_available",
-    "resolve_group_size",
     "s2_attention",
     "s2_segments",
     "token_layout",

@@ -21,7 +21,6 @@ __all__ = [
     "token_layout",
     "s2_segments",
     "bucket_segments",
-    "resolve_group_size",
 ]
 
 
@@ -65,18 +64,6 @@ class SegmentBucket:
     length: int  # L, the padded segment length
     gather_index: torch.Tensor  # (n, L) compact token index per slot; T (a zero row) marks tail padding
     has_padding: bool
-
-
-def resolve_group_size(seq_len: int, group_size: int | None, group_size_ratio: float | None) -> int:
-    """G: the absolute group size if set, else ``round(ratio * seq_len)`` (ratio 0.25 by default), at least 1."""
-    if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"s2_group_size must be a positive int, got {group_size!r}")
-        return group_size
-    ratio = 0.25 if group_size_ratio is None else group_size_ratio
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
-        raise ValueError(f"s2_group_size_ratio must be a number in (0, 1], got {ratio!r}")
-    return max(1, round(ratio * seq_len))
 
 
 def _validate_cu_seqlens(cu_seqlens: torch.Tensor, num_slots: int) -> torch.Tensor:

@@ -8,16 +8,17 @@ is a token's position in its own document. Segments never wrap around, so no tok
 from __future__ import annotations
 
 import importlib.util
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from .layout import Segments, TokenLayout, bucket_segments, s2_segments, token_layout
 
-__all__ = ["s2_attention", "flash_attn_available", "Backend"]
+__all__ = ["BACKENDS", "Backend", "flash_attn_available", "s2_attention"]
 
 Backend = Literal["auto", "sdpa", "flash"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 def flash_attn_available() -> bool:
@@ -228,8 +229,8 @@ def _flash_backend(
 
 
 def _choose_backend(backend: Backend, query: torch.Tensor) -> Backend:
-    if backend not in ("auto", "sdpa", "flash"):
-        raise ValueError(f"S2-Attn backend must be 'auto', 'sdpa' or 'flash', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"S2-Attn backend must be one of {BACKENDS}, got {backend!r}")
     flash_usable = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
     if backend == "flash" and not flash_usable:
         raise ValueError(

@@ -18,7 +18,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from longlora_plugin.data.passkey import passkey_accuracy, passkey_batch
+from longlora_plugin.data.passkey import passkey_batch
+from longlora_plugin.eval.passkey import passkey_accuracy
 from longlora_plugin.data.tokenizer import byte_ids
 
 BASE_CONTEXT = 256
