@@ -1,4 +1,5 @@
-"""The ``longlora`` command."""
+"""The ``longlora`` command: it parses and calls. Each subcommand imports what it needs when it runs, so that
+``longlora --help`` and ``longlora info`` do not load trl, peft or datasets."""
 
 from __future__ import annotations
 

@@ -206,7 +206,7 @@ def s2_attention_forward(
 
 def check_model_supports_s2(model: PreTrainedModel) -> None:
     """Raise ValueError, naming the model type, when a model cannot train with S2-Attn (asks the plugins)."""
-    from .plugins import get_plugin_manager
+    from .plugins import get_plugin_manager  # here, not at the top: registration at import stays light
 
     config = model.config
     model_type = getattr(config, "model_type", type(model).__name__)

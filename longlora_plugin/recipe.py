@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from trl import SFTConfig
 
+from .config import LongLoraConfig
 from .settings import InvalidSetting, S2Settings, setting, validate_settings
 
 __all__ = [
@@ -148,8 +150,6 @@ class Recipe:
     def longlora_config(self):
         """The adapter's LongLoraConfig, without a model (modules fall back to name patterns); validates the recipe's
         adapter settings with the config's own rules and names a bad one by its recipe key."""
-        from .config import LongLoraConfig
-
         try:
             return LongLoraConfig(**self.longlora_kwargs())
         except InvalidSetting as error:
@@ -163,8 +163,6 @@ class Recipe:
         if low is not None and isinstance(target, int) and low > target:
             raise ValueError(f"{where}: data.min_length must be at most context.target ({target}), got {low!r}")
         self.longlora_config()
-        from trl import SFTConfig
-
         allowed = {f.name for f in dataclasses.fields(SFTConfig)}
         unknown = sorted(set(self.training) - allowed)
         if unknown:

@@ -17,11 +17,22 @@ import math
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
 
+from .adapter import LONGLORA_FILE, check_base_matches, prepare_base, read_longlora_settings, save_longlora
+from .adapter import write_longlora_settings
+from .config import LongLoraConfig
+from .data import load_tokenizer as load_named_tokenizer
+from .hf_attention import S2_ATTENTION
+from .plugins import dataset_formats
 from .recipe import Recipe, load_recipe, parse_overrides
 from .sources import check_local_source
 
@@ -42,8 +53,6 @@ PAPER_DEFAULTS = dict(
 
 def load_tokenizer(recipe: Recipe):
     """The recipe's tokenizer (``model.tokenizer``, else the model's own)."""
-    from .data import load_tokenizer as load_named_tokenizer
-
     name = recipe.model.tokenizer or recipe.model.name_or_path
     return load_named_tokenizer(name, trust_remote_code=recipe.model.trust_remote_code)
 
@@ -105,8 +114,6 @@ def _checkpoint_to_resume(args) -> Path | None:
     if value is None or value is False:
         return None
     if value is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
         last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
         if last is None:
             raise ValueError(
@@ -129,8 +136,6 @@ def check_resume_checkpoint(checkpoint: str | os.PathLike, model) -> None:
     ``model`` is the PeftModel about to train. The base is compared through the checkpoint's longlora.json, which
     this module writes into every checkpoint (older checkpoints lack it; their adapter settings are still compared).
     """
-    from .adapter import LONGLORA_FILE, check_base_matches, read_longlora_settings
-
     checkpoint = Path(checkpoint)
     adapter_config = checkpoint / "adapter_config.json"
     if not adapter_config.is_file():
@@ -158,12 +163,6 @@ def check_resume_checkpoint(checkpoint: str | os.PathLike, model) -> None:
 def _settings_in_checkpoints():
     """A callback that writes longlora.json into every checkpoint: resumes can check the base, and a checkpoint is
     a complete adapter folder that load_longlora reads."""
-    from peft import PeftModel
-    from transformers import TrainerCallback
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    from .adapter import write_longlora_settings
-
     class SettingsInCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, model=None, **kwargs):
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
@@ -173,21 +172,26 @@ def _settings_in_checkpoints():
     return SettingsInCheckpoints()
 
 
+def _quiet_other_libraries() -> None:
+    """Keep a run's first screen to our output and the progress bar.
+
+    accelerate imports DeepSpeed whenever it is installed, even for runs that do not use it, and DeepSpeed then warns
+    that it guessed its CPU accelerator: on a machine without CUDA, name that choice through DeepSpeed's own switch.
+    peft reads ``model.is_gradient_checkpointing``, which transformers 5.24 deprecates (not our call to change).
+    """
+    if "deepspeed" not in sys.modules and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def build_trainer(recipe: Recipe):
     """Tokenizer, data, base model + LongLoRA (position interpolation, S2-Attn, LoRA+), and the SFTTrainer."""
-    from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
-
-    from .adapter import prepare_base
-    from .config import LongLoraConfig
-    from .hf_attention import S2_ATTENTION
-    from .plugins import dataset_formats
-
     formats = dataset_formats()
     if recipe.data.format not in formats:
         raise ValueError(f"{recipe.source}: data.format {recipe.data.format!r} is not one of {sorted(formats)}")
     check_local_source(recipe.model.name_or_path, f"{recipe.source}: model.name_or_path")
     check_local_source(recipe.model.tokenizer, f"{recipe.source}: model.tokenizer")
+    _quiet_other_libraries()
     training = {**PAPER_DEFAULTS, **recipe.training}
     training.setdefault("output_dir", "runs/longlora")
     _check_output_dir(training["output_dir"])
@@ -228,8 +232,6 @@ def build_trainer(recipe: Recipe):
 
 def train(recipe: Recipe):
     """Run a recipe; returns the trainer (its model is the trained PeftModel)."""
-    from .adapter import save_longlora
-
     trainer = build_trainer(recipe)
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     plugin = trainer.accelerator.state.deepspeed_plugin

@@ -137,3 +137,21 @@ def test_a_config_built_without_a_model_applies_to_any_family():
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     assert any("embed_tokens.modules_to_save" in name for name in trainable)
     assert any("q_proj.lora_A" in name for name in trainable)
+
+
+def test_a_config_built_without_a_model_keeps_tied_embeddings_tied_through_training_and_merge():
+    """The path of SFTTrainer(peft_config=LongLoraConfig(...)): no for_model, a model with tied embeddings."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("gemma"))
+    before = model.get_input_embeddings().weight.detach().clone()
+    assert model.config.tie_word_embeddings
+    peft_model = get_peft_model(model, LongLoraConfig(original_context=64, target_context=256))
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0)
+    ids = torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    optimizer.step()
+    merged = peft_model.merge_and_unload()
+    embedding, head = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
+    assert not torch.equal(embedding, before)  # trained
+    assert torch.equal(head, embedding) and merged.config.tie_word_embeddings

@@ -158,14 +158,33 @@ def training_forbidden(monkeypatch):
     monkeypatch.setattr(transformers.Trainer, "train", training_started)
 
 
-def test_a_disk_without_room_for_a_checkpoint_fails_at_start(folder, monkeypatch, training_forbidden):
+@pytest.mark.parametrize("limit,kept", [(None, 3), (2, 2), (1, 1)])
+def test_a_disk_without_room_for_the_checkpoints_kept_fails_at_start(folder, monkeypatch, training_forbidden, limit, kept):
+    """3 steps saving every step keep 3 checkpoints, or save_total_limit of them."""
     Usage = namedtuple("Usage", "total used free")
     almost_full = Usage(total=2**30, used=2**30 - 4096, free=4096)
     monkeypatch.setattr("longlora_plugin.train.shutil.disk_usage", lambda path: almost_full)
-    recipe = write_recipe(folder, "full-disk", use_cpu=True, save_strategy="steps", save_steps=1)
-    message = r"full-disk has 0\.0 MiB free, but one checkpoint and the final adapter need about \d+\.\d MiB"
+    recipe = write_recipe(folder, "full-disk", use_cpu=True, save_strategy="steps", save_steps=1,
+                          save_total_limit=limit)
+    message = rf"full-disk has 0\.0 MiB free, but {kept} checkpoint\(s\) and the final adapter need about \d+\.\d MiB"
     with pytest.raises(ValueError, match=message):
         build_trainer(load_recipe(recipe))
+
+
+def test_room_for_one_checkpoint_is_enough_only_when_one_is_kept(folder, monkeypatch, training_forbidden):
+    from longlora_plugin.train import _check_free_space
+
+    trainer = build_trainer(load_recipe(write_recipe(folder, "one-kept", use_cpu=True, save_strategy="steps",
+                                                     save_steps=1, save_total_limit=1)))
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    one_checkpoint_and_adapter = trainable * 4 * 2 + trainable * 8  # fp32 adapter twice, two fp32 Adam moments
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr("longlora_plugin.train.shutil.disk_usage",
+                        lambda path: Usage(2**40, 0, one_checkpoint_and_adapter + 1024))
+    _check_free_space(trainer)  # fits
+    trainer.args.save_total_limit = None  # now all 3 checkpoints stay
+    with pytest.raises(ValueError, match=r"3 checkpoint\(s\)"):
+        _check_free_space(trainer)
 
 
 @pytest.fixture(scope="module")

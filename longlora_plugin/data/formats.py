@@ -7,12 +7,15 @@
 - ``passkey``: generated passkey-retrieval samples between ``data.min_length`` (default: the original length) and the
   target length; the loss is on the key, or on every token with ``training.completion_only_loss: false``.
 
+``datasets`` is imported where records are loaded, so that naming a format costs nothing.
+
 Records are checked before training starts: a missing or empty field is an error naming the file and the record
 index; a record longer than the context is an error, truncated, or dropped with a count, as ``data.too_long`` says.
 """
 
 from __future__ import annotations
 
+import codecs
 import logging
 import random
 from pathlib import Path
@@ -93,8 +96,6 @@ def _root_cause(error: BaseException) -> str:
 
 def _check_utf8(path: Path, chunk_size: int = 1 << 20) -> None:
     """Decode the file in chunks, so that a bad byte is reported with its file and offset before anything else."""
-    import codecs
-
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with path.open("rb") as handle:

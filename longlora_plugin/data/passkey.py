@@ -7,6 +7,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 __all__ = [
     "PASSKEY_FILLER",
     "PASSKEY_INTRO",
@@ -81,8 +83,6 @@ def passkey_batch(
     Labels are -100 everywhere but the answer when ``answer_only_loss`` (the retrieval is what is learned).
     Returns (input_ids, labels, answer_start) as tensors; answer_start is where the key's tokens begin.
     """
-    import torch
-
     rows, labels, starts = [], [], []
     for _ in range(batch_size):
         sample = make_passkey_sample(encode, length, rng, intro=intro, depth=depth)

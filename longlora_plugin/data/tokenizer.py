@@ -1,4 +1,7 @@
-"""A byte-level tokenizer that needs no download: 256 byte tokens plus pad, bos and eos."""
+"""A byte-level tokenizer that needs no download (256 byte tokens plus pad, bos and eos), and the tokenizer loader.
+
+The tokenizers/transformers imports sit in the functions: the constants here are read by light code (the CLI).
+"""
 
 from __future__ import annotations
 

@@ -17,6 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
+
+from ..eval.passkey import passkey_accuracy
+from ..eval.plots import plot_passkey
+from ..recipe import load_recipe
+from ..rope import extend_rope
+from ..train import load_tokenizer, train
+from .timing import compare_kernel_times
 
 __all__ = ["DEMO_RECIPE", "PasskeyDemoResult", "run_passkey_demo"]
 
@@ -47,15 +55,6 @@ class PasskeyDemoResult:
 
 
 def run_passkey_demo(*, overrides: dict | None = None, trials: int = 40, speed_lengths: tuple[int, ...] = (8192,), log=print) -> PasskeyDemoResult:
-    from transformers import AutoModelForCausalLM
-
-    from ..eval.passkey import passkey_accuracy
-    from ..eval.plots import plot_passkey
-    from ..recipe import load_recipe
-    from ..rope import extend_rope
-    from ..train import load_tokenizer, train
-    from .timing import compare_kernel_times
-
     recipe = load_recipe(_recipes_dir() / DEMO_RECIPE, overrides)
     adapter = recipe.longlora_config()
     original, target = recipe.context.original, recipe.context.target

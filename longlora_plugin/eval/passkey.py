@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from typing import Callable
 
+import torch
+
 from ..data.passkey import PASSKEY_INTRO, passkey_batch
 
 __all__ = ["passkey_accuracy", "passkey_grid", "passkey_lengths"]
@@ -35,8 +37,6 @@ def passkey_accuracy(
     Greedy decoding reproduces the key exactly iff the argmax at every answer position is the key's next token, so
     checking all answer positions at once is the same test as decoding token by token.
     """
-    import torch
-
     rng = random.Random(seed)
     correct = 0
     was_training = model.training
