@@ -30,3 +30,12 @@ def test_setup_is_two_commands_and_ci_runs_them():
     assert commands[1].startswith("pytest")
     ci = (ROOT / ".ci" / "run").read_text()
     assert "setup:begin" in ci and "bash -euo pipefail -c" in ci
+
+
+def test_s2_settings_table_lists_every_setting_with_its_default():
+    from longlora_plugin import S2Settings
+
+    rows = [line.split("|")[1:3] for line in block("s2-settings").splitlines() if line.startswith("| `")]
+    table = {name.strip().strip("`"): default.strip().strip("`") for name, default in rows}
+    expected = {S2Settings.config_key(f): repr(getattr(S2Settings(), f)).replace("'", '"') for f in S2Settings.names()}
+    assert table == expected
