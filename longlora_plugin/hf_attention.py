@@ -48,11 +48,14 @@ class S2AttentionMask:
     """What the model's mask builder hands to every layer under ``s2_attention``, once per forward.
 
     ``padding_mask`` is (B, S) bool, True for real tokens, or None without padding. ``settings`` are the S2-Attn
-    settings, resolved once for all layers; ``layout(...)`` finds the batch's documents once for all layers.
+    settings, resolved once for all layers from the config the mask builder passes (None if it passed none);
+    ``layout(...)`` finds the batch's documents once for all layers.
     ``full(kind)`` builds, once, the mask transformers' own ``kind`` ("sdpa" or "eager") would have received.
     """
 
-    def __init__(self, padding_mask: torch.Tensor | None, mask_kwargs: dict[str, Any], settings: S2Settings):
+    def __init__(
+        self, padding_mask: torch.Tensor | None, mask_kwargs: dict[str, Any], settings: S2Settings | None = None
+    ):
         self.padding_mask = padding_mask
         self.settings = settings
         self._mask_kwargs = mask_kwargs
@@ -103,7 +106,8 @@ def s2_attention_mask(
         **kwargs,
     )
     padding = flash_attention_mask(batch_size, q_length, kv_length, attention_mask=attention_mask)
-    return S2AttentionMask(padding, mask_kwargs, S2Settings.from_config(kwargs.get("config")))
+    config = kwargs.get("config")
+    return S2AttentionMask(padding, mask_kwargs, None if config is None else S2Settings.from_config(config))
 
 
 @functools.lru_cache(maxsize=None)
@@ -178,7 +182,7 @@ def s2_attention_forward(
     if cu_q is not None and cu_k is not None and not torch.equal(cu_q, cu_k):
         raise ValueError("s2_attention needs cu_seq_lens_q == cu_seq_lens_k (self-attention over packed documents)")
     if isinstance(attention_mask, S2AttentionMask):
-        settings = attention_mask.settings
+        settings = attention_mask.settings or S2Settings.from_config(module.config)
         layout = attention_mask.layout(batch, seq_len, position_ids, cu_q, query.device)
     else:  # no mask from our mask function (a bare call, or a sequence-parallel wrapper): resolve here
         settings = S2Settings.from_config(module.config)
