@@ -142,8 +142,10 @@ class Recipe:
         self._validate_choices()
         from trl import SFTConfig
 
+        from .compat import checkpointing_arguments
+
         allowed = {f.name for f in dataclasses.fields(SFTConfig)}
-        unknown = sorted(set(self.training) - allowed)
+        unknown = sorted(set(checkpointing_arguments(self.training)) - allowed)
         if unknown:
             raise ValueError(f"{where}: unknown training keys {unknown}; allowed are the fields of trl.SFTConfig")
         for reserved in ("max_length", "packing", "padding_free"):

@@ -51,7 +51,7 @@ PAPER_DEFAULTS = dict(
     lr_scheduler_type="constant_with_warmup",
     per_device_train_batch_size=1,
     gradient_accumulation_steps=8,
-    gradient_checkpointing=True,
+    activation_checkpointing=True,  # gradient_checkpointing before transformers 5.23: see compat.py
     report_to="none",
 )
 
@@ -194,7 +194,9 @@ def build_trainer(recipe: Recipe):
         raise ValueError(f"{recipe.source}: data.format {recipe.data.format!r} is not one of {sorted(formats)}")
     _check_local_source(recipe.model.name_or_path, "model.name_or_path", recipe.source)
     _check_local_source(recipe.model.tokenizer, "model.tokenizer", recipe.source)
-    training = {**PAPER_DEFAULTS, **recipe.training}
+    from .compat import checkpointing_arguments
+
+    training = {**checkpointing_arguments(PAPER_DEFAULTS), **checkpointing_arguments(recipe.training)}
     training.setdefault("output_dir", "runs/longlora")
     _check_output_dir(training["output_dir"])
     # Before the model: under DeepSpeed ZeRO-3 the arguments switch on partitioned loading in from_pretrained.
