@@ -65,7 +65,7 @@ BUILTIN_FAMILIES = (
     FamilyInfo("phi3", "supported", "fused qkv_proj"),
     FamilyInfo("gpt_neox", "supported", "fused query_key_value, partial rotary"),
     FamilyInfo("olmo2", "supported", "GQA, q/k norms"),
-    FamilyInfo("gptj", "supported", "parallel attention/MLP"),
+    FamilyInfo("gptj", "supported", "parallel attention/MLP; transformers >= 5.24 (refused at load before)"),
     FamilyInfo("falcon", "refused at load", "attention outside transformers' generic interface"),
     FamilyInfo("bloom", "refused at load", "attention outside transformers' generic interface"),
 )

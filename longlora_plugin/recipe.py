@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from trl import SFTConfig
 
+from .compat import checkpointing_arguments
 from .config import LongLoraConfig
 from .settings import InvalidSetting, S2Settings, setting, validate_settings
 
@@ -164,7 +165,7 @@ class Recipe:
             raise ValueError(f"{where}: data.min_length must be at most context.target ({target}), got {low!r}")
         self.longlora_config()
         allowed = {f.name for f in dataclasses.fields(SFTConfig)}
-        unknown = sorted(set(self.training) - allowed)
+        unknown = sorted(set(checkpointing_arguments(self.training)) - allowed)
         if unknown:
             raise ValueError(f"{where}: unknown training keys {unknown}; allowed are the fields of trl.SFTConfig")
         for reserved in ("max_length", "packing", "padding_free"):

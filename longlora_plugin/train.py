@@ -29,6 +29,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .adapter import LONGLORA_FILE, check_base_matches, prepare_base, read_longlora_settings, save_longlora
 from .adapter import write_longlora_settings
+from .compat import checkpointing_arguments
 from .config import LongLoraConfig
 from .data import load_tokenizer as load_named_tokenizer
 from .hf_attention import S2_ATTENTION
@@ -46,7 +47,7 @@ PAPER_DEFAULTS = dict(
     lr_scheduler_type="constant_with_warmup",
     per_device_train_batch_size=1,
     gradient_accumulation_steps=8,
-    gradient_checkpointing=True,
+    activation_checkpointing=True,  # gradient_checkpointing before transformers 5.23: see compat.py
     report_to="none",
 )
 
@@ -192,7 +193,7 @@ def build_trainer(recipe: Recipe):
     check_local_source(recipe.model.name_or_path, f"{recipe.source}: model.name_or_path")
     check_local_source(recipe.model.tokenizer, f"{recipe.source}: model.tokenizer")
     _quiet_other_libraries()
-    training = {**PAPER_DEFAULTS, **recipe.training}
+    training = {**checkpointing_arguments(PAPER_DEFAULTS), **checkpointing_arguments(recipe.training)}
     training.setdefault("output_dir", "runs/longlora")
     _check_output_dir(training["output_dir"])
     # Before the model: under DeepSpeed ZeRO-3 the arguments switch on partitioned loading in from_pretrained.

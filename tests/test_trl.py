@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 import longlora_plugin.hf_attention as attention
+from longlora_plugin.compat import checkpointing_arguments
 from longlora_plugin import LongLoraConfig, S2_ATTENTION, trainable_parameter_report
 from longlora_plugin.data import byte_tokenizer
 
@@ -24,18 +25,18 @@ def sft_args(tmp_path, **overrides):
         bf16=False,
         use_cpu=True,
         max_length=96,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         seed=0,
     )
-    return SFTConfig(**{**defaults, **overrides})
+    return SFTConfig(**checkpointing_arguments({**defaults, **overrides}))
 
 
 def text_dataset(n=8):
     return Dataset.from_dict({"text": [f"record {i}: " + "lorem ipsum dolor sit amet " * (2 + i % 3) for i in range(n)]})
 
 
-@pytest.mark.parametrize("gradient_checkpointing,resolved", [(False, True), (True, True), (False, False)])
-def test_sft_trainer_takes_longlora_config_and_trains_with_s2(tmp_path, monkeypatch, gradient_checkpointing, resolved):
+@pytest.mark.parametrize("checkpointing,resolved", [(False, True), (True, True), (False, False)])
+def test_sft_trainer_takes_longlora_config_and_trains_with_s2(tmp_path, monkeypatch, checkpointing, resolved):
     calls = []
     real = attention.s2_attention
     monkeypatch.setattr(attention, "s2_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -43,7 +44,7 @@ def test_sft_trainer_takes_longlora_config_and_trains_with_s2(tmp_path, monkeypa
     model = AutoModelForCausalLM.from_config(config, attn_implementation=S2_ATTENTION)
     trainer = SFTTrainer(
         model=model,
-        args=sft_args(tmp_path, gradient_checkpointing=gradient_checkpointing),
+        args=sft_args(tmp_path, activation_checkpointing=checkpointing),
         train_dataset=text_dataset(),
         processing_class=byte_tokenizer(),
         peft_config=LongLoraConfig.for_model(model) if resolved else LongLoraConfig(),

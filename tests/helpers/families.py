@@ -1,6 +1,7 @@
 """Tiny configs, one per model family that S2-Attn is tested on. The README's family table is checked against this."""
 
 from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 COMMON = dict(vocab_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
 LLAMA_LIKE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -23,7 +24,7 @@ FAMILIES = {
         "fused query_key_value, partial rotary, no num_key_value_groups",
     ),
     "olmo2": (LLAMA_LIKE, "GQA, q/k norms"),
-    "gptj": (dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8), "parallel attention/MLP"),
+    "gptj": (dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8), "parallel attention/MLP; transformers >= 5.24"),
 }
 
 # Families whose attention layers bypass transformers' attention interface.
@@ -36,3 +37,16 @@ UNSUPPORTED = {
 def tiny_config(model_type: str, **overrides):
     kwargs = FAMILIES[model_type][0] if model_type in FAMILIES else UNSUPPORTED[model_type]
     return AutoConfig.for_model(model_type, **{**COMMON, **kwargs, **overrides})
+
+
+def uses_attention_interface(model_type: str) -> bool:
+    """Whether the installed transformers runs this family's attention through AttentionInterface.
+
+    GPT-J does from transformers 5.24 on; before, s2_attention refuses it at load like the UNSUPPORTED families.
+    """
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(tiny_config(model_type))]._can_set_attn_implementation()
+
+
+# What the installed transformers lets s2_attention train, and what it must refuse at load.
+SUPPORTED_HERE = sorted(name for name in FAMILIES if uses_attention_interface(name))
+REFUSED_HERE = sorted(set(UNSUPPORTED) | (set(FAMILIES) - set(SUPPORTED_HERE)))

@@ -32,7 +32,7 @@ def write_recipe(folder: Path, name: str, **training) -> Path:
             "gradient_accumulation_steps": 1,
             "learning_rate": 1e-2,
             "bf16": False,
-            "gradient_checkpointing": False,
+            "activation_checkpointing": False,
             "save_strategy": "no",
             "logging_steps": 1,
             "seed": 0,
