@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 S2_ATTENTION = "s2_attention"
-_BACKENDS = ("auto", "sdpa", "flash")
+_BACKENDS = ("auto", "sdpa", "flash", "varlen")
 
 
 @dataclass(frozen=True)
