@@ -508,3 +508,76 @@ def test_forced_varlen_on_gemma2_names_the_softcap(kernels):
     input_ids, mask, _ = padded_batch(model.config.vocab_size)
     with pytest.raises(ValueError, match="backend 'varlen' cannot serve this layer; it needs softcap support"):
         model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+
+
+# --- the real kernels, on a CUDA machine ------------------------------------------------------------------------------
+
+GPU = "cuda"  # a rehearsal on CPU (with the emulations installed) sets this to "cpu"
+cuda_varlen = pytest.mark.skipif(
+    not (torch.cuda.is_available() and shifted_sparse.torch_varlen_available()),
+    reason="needs CUDA and torch.nn.attention.varlen (torch >= 2.10)",
+)
+
+
+def varlen_supports_gqa() -> bool:
+    return "enable_gqa" in inspect.signature(torch_varlen.varlen_attn).parameters
+
+
+@pytest.mark.gpu
+@cuda_varlen
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_varlen_backend_matches_sdpa_backend_on_gpu(layout):
+    batch, seq_len = 3, 301
+    kv_heads = 2 if varlen_supports_gqa() else 8
+    q, k, v = (x.detach().to(GPU, torch.bfloat16).requires_grad_() for x in random_qkv(batch, 8, kv_heads, seq_len, head_dim=64))
+    kwargs = dict(group_size=64, **{n: t.to(GPU) for n, t in make_layout(layout, batch, seq_len).items()})
+    grad_out = torch.randn(batch, seq_len, 8, 64, device=GPU, dtype=torch.bfloat16)
+    results = []
+    for backend in ("varlen", "sdpa"):
+        for x in (q, k, v):
+            x.grad = None
+        out = s2_attention(q, k, v, backend=backend, **kwargs)
+        (out * grad_out).sum().backward()
+        results.append((out.detach().float(), *(x.grad.float() for x in (q, k, v))))
+    for name, varlen, sdpa in zip(("out", "dq", "dk", "dv"), *results):
+        scale = float(sdpa.abs().max())  # bf16 rounding grows with the magnitude (dk/dv sum over query heads)
+        torch.testing.assert_close(varlen / scale, sdpa / scale, atol=1e-2, rtol=2e-2, msg=name)
+
+
+@pytest.mark.gpu
+@cuda_varlen
+def test_auto_takes_the_torch_varlen_kernel_on_cuda_bf16_without_flash_attn(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    real = torch_varlen.varlen_attn
+    calls = []
+
+    @functools.wraps(real)
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch_varlen, "varlen_attn", counted)
+    q, k, v = (torch.randn(1, 8, 256, 64, device=GPU, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    s2_attention(q, k, v, group_size=64).sum().backward()
+    assert len(calls) == 2 and q.grad is not None
+
+
+@pytest.mark.gpu
+@cuda_varlen
+def test_tiny_llama_trains_through_the_real_varlen_kernel_like_the_sdpa_path():
+    from tests.test_model_families import build_pair, padded_batch
+    from longlora_plugin import S2_ATTENTION
+
+    model, other = build_pair("llama", S2_ATTENTION, s2_backend="varlen", num_key_value_heads=4)
+    other.config.s2_backend = "sdpa"
+    input_ids, mask, labels = (x.to(GPU) for x in padded_batch(model.config.vocab_size))
+    grads = []
+    for m in (model, other):
+        m.to(GPU, torch.bfloat16).train()
+        out = m(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False)
+        out.loss.backward()
+        grads.append({n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        scale = float(grads[1][name].abs().max()) + 1e-6
+        torch.testing.assert_close(grads[0][name] / scale, grads[1][name] / scale, atol=3e-2, rtol=3e-2, msg=name)
