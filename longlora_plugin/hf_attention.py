@@ -46,7 +46,7 @@ class S2Settings:
     group_size: absolute G; when None, G = round(group_size_ratio * L) for a batch of length L.
     group_size_ratio: in (0, 1], 0.25 by default (the paper's N/4).
     shift: shift half of the heads by G // 2 (False: plain short attention, the paper's ablation).
-    backend: "auto" (flash-attn varlen on CUDA when installed, else SDPA), "sdpa" or "flash".
+    backend: "auto" (on CUDA fp16/bf16: flash-attn 2, else torch varlen, else SDPA), "sdpa", "flash" or "varlen".
     logit_scale: multiplies the attention logits inside the groups, in training only. 1.0 is the paper's S2-Attn.
         Below 1 the model learns to attend more sharply than a group of G keys needs, so that full attention at
         inference, over N / G times as many keys, stays as sharp (see docs/passkey-demo.md).
