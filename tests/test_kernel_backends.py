@@ -500,14 +500,29 @@ def test_tiny_models_train_mode_through_the_kernels_match_reference(kernels, mod
     assert (kernels.calls["flash"] > 0) == (expected == "flash") and (kernels.calls["varlen"] > 0) == (expected == "varlen")
 
 
-def test_forced_varlen_on_gemma2_names_the_softcap(kernels):
-    from tests.test_model_families import build_pair, padded_batch
+def test_a_forced_kernel_that_cannot_serve_the_model_fails_at_load(kernels):
+    from tests.helpers.families import tiny_config
+    from transformers import AutoModelForCausalLM
 
-    model, _ = build_pair("gemma2", "eager", s2_backend="varlen")
-    model = model.to(torch.bfloat16).train()
-    input_ids, mask, _ = padded_batch(model.config.vocab_size)
-    with pytest.raises(ValueError, match="backend 'varlen' cannot serve this layer; it needs softcap support"):
-        model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    from longlora_plugin import S2_ATTENTION
+
+    def load(model_type, **overrides):
+        return AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), attn_implementation=S2_ATTENTION)
+
+    with pytest.raises(ValueError, match=r"s2_backend='varlen' cannot serve model_type 'gemma2'; it needs softcap"):
+        load("gemma2", s2_backend="varlen")
+    with pytest.raises(ValueError, match=r"'flash' cannot serve model_type 'gemma2'; it needs dropout 0 with softcap"):
+        load("gemma2", s2_backend="flash", attention_dropout=0.1)
+    load("gemma2", s2_backend="flash")  # flash-attn serves softcap and the window
+    kernels.install_varlen(emu.make_torch_varlen_attn("2.11"))
+    with pytest.raises(ValueError, match=r"'varlen' cannot serve model_type 'llama'; it needs GQA/MQA support"):
+        load("llama", s2_backend="varlen")
+    load("llama", s2_backend="varlen", num_key_value_heads=4)
+    with pytest.raises(ValueError, match=r"'varlen' cannot serve model_type 'llama'; it needs .*head_dim a multiple of 8"):
+        load("llama", s2_backend="varlen", num_key_value_heads=4, hidden_size=48)
+    kernels.remove_flash()
+    with pytest.raises(ValueError, match=r"'flash' cannot serve model_type 'llama'; it needs flash-attn 2"):
+        load("llama", s2_backend="flash")
 
 
 # --- the real kernels, on a CUDA machine ------------------------------------------------------------------------------

@@ -9,7 +9,15 @@ from .layout import (
     s2_segments,
     token_layout,
 )
-from .shifted_sparse import BACKENDS, Backend, backend_gaps, flash_attn_available, s2_attention, torch_varlen_available
+from .shifted_sparse import (
+    BACKENDS,
+    Backend,
+    backend_gaps,
+    flash_attn_available,
+    layer_gaps,
+    s2_attention,
+    torch_varlen_available,
+)
 
 __all__ = [
     "BACKENDS",
@@ -20,6 +28,7 @@ __all__ = [
     "TokenLayout",
     "bucket_segments",
     "flash_attn_available",
+    "layer_gaps",
     "resolve_group_size",
     "s2_attention",
     "s2_segments",

@@ -16,7 +16,15 @@ import torch.nn.functional as F
 
 from .layout import Segments, TokenLayout, bucket_segments, s2_segments, token_layout
 
-__all__ = ["s2_attention", "flash_attn_available", "torch_varlen_available", "backend_gaps", "Backend", "BACKENDS"]
+__all__ = [
+    "s2_attention",
+    "flash_attn_available",
+    "torch_varlen_available",
+    "backend_gaps",
+    "layer_gaps",
+    "Backend",
+    "BACKENDS",
+]
 
 Backend = Literal["auto", "sdpa", "flash", "varlen"]
 BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flash", "varlen")
@@ -78,16 +86,40 @@ def backend_gaps(
     query (B, H, S, D) or (T, H, D), key (B, H_kv, S, D) or (T, H_kv, D): only device, dtype, head counts and
     head_dim are read.
     """
-    head_dim = query.shape[-1]
     gaps = []
     if not _kernels_run_on(query):
         gaps.append(f"CUDA tensors (got device {query.device})")
     if query.dtype not in _KERNEL_DTYPES:
         gaps.append(f"float16/bfloat16 tensors (got {query.dtype})")
+    return gaps + layer_gaps(
+        backend,
+        num_heads=query.shape[1],
+        num_kv_heads=key.shape[1],
+        head_dim=query.shape[-1],
+        scaling=scaling,
+        dropout=dropout,
+        softcap=softcap,
+        sliding_window=sliding_window,
+    )
+
+
+def layer_gaps(
+    backend: str,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+) -> list[str]:
+    """What a kernel backend lacks for a layer of this shape, in this environment, whatever the device and dtype."""
+    gaps = []
     if backend == "flash":
         func = _flash_varlen_func()
         if func is None:
-            return gaps + ["flash-attn 2 (`from flash_attn import flash_attn_varlen_func` fails)"]
+            return ["flash-attn 2 (`from flash_attn import flash_attn_varlen_func` fails)"]
         params = _parameters(func)
         if head_dim > 256:
             gaps.append(f"head_dim <= 256 (got {head_dim})")
@@ -99,10 +131,10 @@ def backend_gaps(
             gaps.append("sliding-window support (flash-attn >= 2.3)")
         return gaps
     if backend != "varlen":
-        raise ValueError(f"backend_gaps knows the kernel backends 'flash' and 'varlen', got {backend!r}")
+        raise ValueError(f"the kernel backends are 'flash' and 'varlen', got {backend!r}")
     func = _torch_varlen_func()
     if func is None:
-        return gaps + [f"torch.nn.attention.varlen.varlen_attn (torch >= 2.10, this is {torch.__version__})"]
+        return [f"torch.nn.attention.varlen.varlen_attn (torch >= 2.10, this is {torch.__version__})"]
     params = _parameters(func)
     if head_dim % 8 or head_dim > 256:
         gaps.append(f"head_dim a multiple of 8 and <= 256 (got {head_dim})")
@@ -114,7 +146,7 @@ def backend_gaps(
         gaps.append("sliding-window support (varlen_attn window_size, torch >= 2.11)")
     if scaling is not None and scaling != head_dim**-0.5 and "scale" not in params:
         gaps.append("a custom softmax scale (varlen_attn scale, torch >= 2.11)")
-    if query.shape[1] != key.shape[1] and "enable_gqa" not in params:
+    if num_heads != num_kv_heads and "enable_gqa" not in params:
         gaps.append("GQA/MQA support (varlen_attn enable_gqa, torch >= 2.12)")
     return gaps
 
