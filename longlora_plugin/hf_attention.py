@@ -210,6 +210,7 @@ def s2_attention_forward(
 
 def check_model_supports_s2(model: PreTrainedModel) -> None:
     """Raise ValueError, naming the model type, when a model cannot train with S2-Attn (asks the plugins)."""
+    from .kernel_check import forced_backend_gaps
     from .plugins import get_plugin_manager  # here, not at the top: registration at import stays light
 
     config = model.config
@@ -217,7 +218,10 @@ def check_model_supports_s2(model: PreTrainedModel) -> None:
     support = get_plugin_manager().hook.longlora_s2_support(model=model)
     if support is not None and not support.supported:
         raise ValueError(f"s2_attention is not available for model_type '{model_type}' ({type(model).__name__}): {support.reason}")
-    S2Settings.from_config(config)  # raises on a bad setting
+    settings = S2Settings.from_config(config)  # raises on a bad setting
+    gaps = forced_backend_gaps(config, settings.backend, settings.logit_scale)
+    if gaps:
+        raise ValueError(f"s2_backend={settings.backend!r} cannot serve model_type '{model_type}'; it needs " + "; ".join(gaps))
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     if isinstance(heads, int) and isinstance(kv_heads, int) and (kv_heads < 1 or heads % kv_heads):
         raise ValueError(

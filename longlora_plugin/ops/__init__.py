@@ -1,4 +1,4 @@
-"""S2-Attn as pure tensor code: imports torch only (and flash-attn when it is installed and used)."""
+"""S2-Attn as pure tensor code: imports torch only (and flash-attn 2 when it is installed and chosen)."""
 
 from .layout import (
     Segments,
@@ -8,17 +8,28 @@ from .layout import (
     s2_segments,
     token_layout,
 )
-from .shifted_sparse import BACKENDS, Backend, flash_attn_available, s2_attention
+from .shifted_sparse import (
+    BACKENDS,
+    Backend,
+    backend_gaps,
+    flash_attn_available,
+    layer_gaps,
+    s2_attention,
+    torch_varlen_available,
+)
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "backend_gaps",
     "Segments",
     "SegmentBucket",
     "TokenLayout",
     "bucket_segments",
     "flash_attn_available",
+    "layer_gaps",
     "s2_attention",
     "s2_segments",
     "token_layout",
+    "torch_varlen_available",
 ]

@@ -1,5 +1,5 @@
-"""Shifted sparse attention (S2-Attn) on tensors: the SDPA backend, the flash-attn varlen backend, and the
-function that picks one.
+"""Shifted sparse attention (S2-Attn) on tensors: the SDPA backend, two varlen kernel backends (flash-attn 2 and
+torch's own ``varlen_attn``), and the choice between them.
 
 Heads ``[0, H // 2)`` attend inside groups ``p // G``; heads ``[H // 2, H)`` inside ``(p + G // 2) // G``, where p
 is a token's position in its own document. Segments never wrap around, so no token ever sees a later one.
@@ -7,22 +7,153 @@ is a token's position in its own document. Segments never wrap around, so no tok
 
 from __future__ import annotations
 
-import importlib.util
-from typing import Literal, get_args
+import inspect
+import os
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
 from .layout import Segments, TokenLayout, bucket_segments, s2_segments, token_layout
 
-__all__ = ["BACKENDS", "Backend", "flash_attn_available", "s2_attention"]
+__all__ = [
+    "s2_attention",
+    "flash_attn_available",
+    "torch_varlen_available",
+    "backend_gaps",
+    "layer_gaps",
+    "Backend",
+    "BACKENDS",
+]
 
-Backend = Literal["auto", "sdpa", "flash"]
-BACKENDS: tuple[str, ...] = get_args(Backend)
+Backend = Literal["auto", "sdpa", "flash", "varlen"]
+BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flash", "varlen")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _kernels_run_on(tensor: torch.Tensor) -> bool:
+    """Whether the varlen kernels can run on this tensor's device (CUDA). Tests patch this to run emulations."""
+    return tensor.is_cuda
+
+
+def _flash_varlen_func() -> Callable | None:
+    """flash-attn 2's ``flash_attn_varlen_func``, or None. flash-attn 4 installs only ``flash_attn.cute``."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def _torch_varlen_func() -> Callable | None:
+    """``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
 
 
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """Whether ``from flash_attn import flash_attn_varlen_func`` works (flash-attn 2)."""
+    return _flash_varlen_func() is not None
+
+
+def torch_varlen_available() -> bool:
+    """Whether this torch ships ``torch.nn.attention.varlen.varlen_attn``."""
+    return _torch_varlen_func() is not None
+
+
+def _parameters(func: Callable) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(func).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature: assume the oldest one
+        return frozenset()
+
+
+def backend_gaps(
+    backend: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+) -> list[str]:
+    """What a kernel backend ("flash" or "varlen") lacks to serve this call exactly; empty when it can.
+
+    query (B, H, S, D) or (T, H, D), key (B, H_kv, S, D) or (T, H_kv, D): only device, dtype, head counts and
+    head_dim are read.
+    """
+    gaps = []
+    if not _kernels_run_on(query):
+        gaps.append(f"CUDA tensors (got device {query.device})")
+    if query.dtype not in _KERNEL_DTYPES:
+        gaps.append(f"float16/bfloat16 tensors (got {query.dtype})")
+    return gaps + layer_gaps(
+        backend,
+        num_heads=query.shape[1],
+        num_kv_heads=key.shape[1],
+        head_dim=query.shape[-1],
+        scaling=scaling,
+        dropout=dropout,
+        softcap=softcap,
+        sliding_window=sliding_window,
+    )
+
+
+def layer_gaps(
+    backend: str,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+) -> list[str]:
+    """What a kernel backend lacks for a layer of this shape, in this environment, whatever the device and dtype."""
+    gaps = []
+    if backend == "flash":
+        func = _flash_varlen_func()
+        if func is None:
+            return ["flash-attn 2 (`from flash_attn import flash_attn_varlen_func` fails)"]
+        params = _parameters(func)
+        if head_dim > 256:
+            gaps.append(f"head_dim <= 256 (got {head_dim})")
+        if softcap is not None and "softcap" not in params:
+            gaps.append("softcap support (flash-attn >= 2.6)")
+        if softcap is not None and dropout > 0:
+            gaps.append(f"dropout 0 with softcap (flash-attn refuses softcap with dropout {dropout})")
+        if sliding_window is not None and "window_size" not in params:
+            gaps.append("sliding-window support (flash-attn >= 2.3)")
+        return gaps
+    if backend != "varlen":
+        raise ValueError(f"the kernel backends are 'flash' and 'varlen', got {backend!r}")
+    func = _torch_varlen_func()
+    if func is None:
+        return [f"torch.nn.attention.varlen.varlen_attn (torch >= 2.10, this is {torch.__version__})"]
+    params = _parameters(func)
+    if head_dim % 8 or head_dim > 256:
+        gaps.append(f"head_dim a multiple of 8 and <= 256 (got {head_dim})")
+    if softcap is not None:
+        gaps.append("softcap support (torch varlen_attn has none)")
+    if dropout > 0:
+        gaps.append(f"dropout support (torch varlen_attn has none; got dropout {dropout})")
+    if sliding_window is not None and "window_size" not in params:
+        gaps.append("sliding-window support (varlen_attn window_size, torch >= 2.11)")
+    if scaling is not None and scaling != head_dim**-0.5 and "scale" not in params:
+        gaps.append("a custom softmax scale (varlen_attn scale, torch >= 2.11)")
+    if num_heads != num_kv_heads and "enable_gqa" not in params:
+        gaps.append("GQA/MQA support (varlen_attn enable_gqa, torch >= 2.12)")
+    return gaps
+
+
+def _flash_deterministic() -> bool:
+    """The Trainer's ``full_determinism`` sets FLASH_ATTENTION_DETERMINISTIC=1 (as transformers reads it)."""
+    return os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1" or torch.are_deterministic_algorithms_enabled()
 
 
 def _head_ranges(num_heads: int, group_size: int, shift: bool) -> list[tuple[int, int]]:
@@ -207,11 +338,16 @@ def _flash_backend(
     sliding_window: int | None,
 ) -> torch.Tensor:
     """flash-attn varlen over the segments as sequences. q_tok (T, h, D), k/v_tok (T, h_kv, D) -> (T, h, D)."""
-    from flash_attn import flash_attn_varlen_func
-
-    cu_seqlens = segments.cu_seqlens()
+    flash_attn_varlen_func = _flash_varlen_func()
+    cu_seqlens = segments.cu_seqlens()  # (N + 1,) int32
     max_length = segments.max_length()
-    window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
+    extra = {}
+    if softcap is not None:
+        extra["softcap"] = softcap
+    if sliding_window is not None:
+        extra["window_size"] = (sliding_window - 1, 0)
+    if "deterministic" in _parameters(flash_attn_varlen_func):
+        extra["deterministic"] = _flash_deterministic()
     return flash_attn_varlen_func(
         q_tok.contiguous(),
         k_tok.contiguous(),
@@ -223,23 +359,72 @@ def _flash_backend(
         dropout_p=dropout,
         softmax_scale=scaling,
         causal=True,
-        window_size=window,
-        softcap=0.0 if softcap is None else softcap,
+        **extra,
     )
 
 
-def _choose_backend(backend: Backend, query: torch.Tensor) -> Backend:
+def _varlen_backend(
+    q_tok: torch.Tensor,
+    k_tok: torch.Tensor,
+    v_tok: torch.Tensor,
+    segments: Segments,
+    group_size: int,
+    *,
+    scaling: float,
+    dropout: float,
+    softcap: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """torch's varlen_attn over the segments as sequences. q_tok (T, h, D), k/v_tok (T, h_kv, D) -> (T, h, D).
+
+    Its signature moved: torch 2.10 takes ``is_causal``; 2.11 ``scale`` and ``window_size`` (causal is (-1, 0));
+    2.12 ``enable_gqa``. backend_gaps has already refused what this torch cannot do.
+    """
+    varlen_attn = _torch_varlen_func()
+    params = _parameters(varlen_attn)
+    cu_seqlens = segments.cu_seqlens()  # (N + 1,) int32
+    max_length = segments.max_length()
+    extra = {}
+    if "window_size" in params:
+        extra["window_size"] = (-1 if sliding_window is None else sliding_window - 1, 0)
+    else:
+        extra["is_causal"] = True
+    if "scale" in params:
+        extra["scale"] = scaling
+    if k_tok.shape[1] != q_tok.shape[1]:
+        extra["enable_gqa"] = True
+    return varlen_attn(
+        q_tok.contiguous(),
+        k_tok.contiguous(),
+        v_tok.contiguous(),
+        cu_seqlens,
+        cu_seqlens,
+        max_length,
+        max_length,
+        **extra,
+    )
+
+
+_KERNEL_BACKENDS = {"flash": _flash_backend, "varlen": _varlen_backend}
+
+
+def _choose_backend(backend: str, query: torch.Tensor, key: torch.Tensor, **layer) -> str:
+    """The backend that runs this call. "auto" takes the first kernel that serves the layer exactly, else SDPA."""
     if backend not in BACKENDS:
         raise ValueError(f"S2-Attn backend must be one of {BACKENDS}, got {backend!r}")
-    flash_usable = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
-    if backend == "flash" and not flash_usable:
-        raise ValueError(
-            "S2-Attn backend 'flash' needs flash-attn installed and CUDA fp16/bf16 tensors, "
-            f"got device={query.device}, dtype={query.dtype}, flash_attn installed={flash_attn_available()}"
-        )
-    if backend == "auto":
-        return "flash" if flash_usable else "sdpa"
-    return backend
+    if backend == "sdpa":
+        return backend
+    if backend != "auto":
+        gaps = backend_gaps(backend, query, key, **layer)
+        if gaps:
+            raise ValueError(f"S2-Attn backend {backend!r} cannot serve this layer; it needs " + "; ".join(gaps))
+        return backend
+    if not _kernels_run_on(query) or query.dtype not in _KERNEL_DTYPES:
+        return "sdpa"
+    for candidate in ("flash", "varlen"):
+        if not backend_gaps(candidate, query, key, **layer):
+            return candidate
+    return "sdpa"
 
 
 def s2_attention(
@@ -270,7 +455,9 @@ def s2_attention(
             the flattened B * S slots. layout: a precomputed ``token_layout`` replacing the three above.
         scaling: softmax scale, default D ** -0.5. dropout: attention dropout probability.
         softcap: logit soft-capping (gemma2). sliding_window: a token sees at most this many tokens back.
-        backend: "sdpa", "flash" (flash-attn varlen, CUDA fp16/bf16) or "auto".
+        backend: "sdpa"; "flash" (flash-attn 2 varlen) or "varlen" (torch's varlen_attn), both CUDA fp16/bf16;
+            or "auto": flash, else varlen, else sdpa, taking a kernel only when it serves the layer exactly
+            (a forced kernel that cannot raises ValueError naming what it lacks).
 
     Returns:
         (B, S, H, D) contiguous; padding slots are zero.
@@ -290,7 +477,10 @@ def s2_attention(
         raise ValueError(f"S2-Attn group_size must be a positive int, got {group_size!r}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
-    chosen = _choose_backend(backend, query)
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    chosen = _choose_backend(
+        backend, query, key, scaling=scaling, dropout=dropout, softcap=softcap, sliding_window=sliding_window
+    )
     if layout is None:
         layout = token_layout(
             batch,
@@ -300,7 +490,6 @@ def s2_attention(
             cu_seqlens=cu_seqlens,
             device=query.device,
         )
-    scaling = head_dim**-0.5 if scaling is None else scaling
     if layout.num_tokens == 0:  # all padding: zeros that stay in the graph, so that backward still runs
         anchor = (query.sum() + key.sum() + value.sum()) * 0
         return query.new_zeros(batch, seq_len, num_heads, head_dim) + anchor
@@ -314,7 +503,7 @@ def s2_attention(
         x = x.transpose(1, 2).reshape(batch * seq_len, x.shape[1], head_dim)  # (B*S, h, D)
         return x if layout.valid_index is None else x.index_select(0, layout.valid_index)  # (T, h, D)
 
-    run = _flash_backend if chosen == "flash" else _sdpa_segments
+    run = _KERNEL_BACKENDS.get(chosen, _sdpa_segments)
     parts = _split_heads(to_tokens(query), to_tokens(key), to_tokens(value), head_counts, dim=1)
     outputs = [
         run(q, k, v, s2_segments(layout, group_size, offset), group_size, **attend_kwargs)
