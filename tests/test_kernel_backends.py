@@ -295,13 +295,25 @@ def fp16_qkv(heads=4, kv_heads=4, head_dim=8):
     return random_qkv(2, heads, kv_heads, 12, head_dim=head_dim, dtype=torch.float16)
 
 
+RAGGED = torch.tensor([[True] * 12, [False] * 3 + [True] * 9])  # rows that are not whole documents
+
+
 def test_auto_prefers_flash_then_varlen(kernels):
     q, k, v = fp16_qkv()
-    s2_attention(q, k, v, group_size=4)
+    s2_attention(q, k, v, group_size=4, padding_mask=RAGGED)
     assert kernels.calls == {"flash": 2, "varlen": 0}  # one call per head set (shifted and not)
     kernels.remove_flash()
-    s2_attention(q, k, v, group_size=4)
+    s2_attention(q, k, v, group_size=4, padding_mask=RAGGED)
     assert kernels.calls == {"flash": 2, "varlen": 2}
+
+
+def test_auto_keeps_whole_document_rows_on_the_sdpa_path(kernels):
+    """Rows that are whole documents fold into SDPA's batch as views: faster than a varlen kernel (measured)."""
+    q, k, v = fp16_qkv()
+    s2_attention(q, k, v, group_size=4)
+    assert kernels.calls == {"flash": 0, "varlen": 0}
+    s2_attention(q, k, v, group_size=4, backend="varlen")  # forcing a kernel still takes it
+    assert kernels.calls == {"flash": 0, "varlen": 2}
 
 
 def test_flash_attn_4_cute_only_package_does_not_make_auto_choose_flash(kernels, monkeypatch):
@@ -312,7 +324,7 @@ def test_flash_attn_4_cute_only_package_does_not_make_auto_choose_flash(kernels,
     monkeypatch.setitem(sys.modules, "flash_attn.cute", types.ModuleType("flash_attn.cute"))
     assert not shifted_sparse.flash_attn_available()
     q, k, v = fp16_qkv()
-    out = s2_attention(q, k, v, group_size=4)  # auto: torch varlen, no ImportError
+    out = s2_attention(q, k, v, group_size=4, padding_mask=RAGGED)  # auto: torch varlen, no ImportError
     assert kernels.calls == {"flash": 0, "varlen": 2} and out.shape == (2, 12, 4, 8)
     with pytest.raises(ValueError, match=r"backend 'flash' cannot serve.*flash-attn 2"):
         s2_attention(q, k, v, group_size=4, backend="flash")
@@ -321,13 +333,13 @@ def test_flash_attn_4_cute_only_package_does_not_make_auto_choose_flash(kernels,
 def test_softcap_with_dropout_takes_the_sdpa_path_under_auto_and_is_refused_when_forced(kernels):
     q, k, v = fp16_qkv()
     torch.manual_seed(0)
-    out = s2_attention(q, k, v, group_size=4, softcap=2.0, dropout=0.1)
+    out = s2_attention(q, k, v, group_size=4, softcap=2.0, dropout=0.1, padding_mask=RAGGED)
     assert kernels.calls == {"flash": 0, "varlen": 0} and out.shape == (2, 12, 4, 8)
     with pytest.raises(ValueError, match=r"backend 'flash' cannot serve.*softcap .*dropout 0.1"):
         s2_attention(q, k, v, group_size=4, softcap=2.0, dropout=0.1, backend="flash")
     # Without dropout flash serves softcap; with dropout alone too.
-    s2_attention(q, k, v, group_size=4, softcap=2.0)
-    s2_attention(q, k, v, group_size=4, dropout=0.1)
+    s2_attention(q, k, v, group_size=4, softcap=2.0, padding_mask=RAGGED)
+    s2_attention(q, k, v, group_size=4, dropout=0.1, padding_mask=RAGGED)
     assert kernels.calls["flash"] == 4
 
 
@@ -573,7 +585,8 @@ def test_auto_takes_the_torch_varlen_kernel_on_cuda_bf16_without_flash_attn(monk
 
     monkeypatch.setattr(torch_varlen, "varlen_attn", counted)
     q, k, v = (torch.randn(1, 8, 256, 64, device=GPU, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    s2_attention(q, k, v, group_size=64).sum().backward()
+    packed = torch.tensor([0, 100, 256], dtype=torch.int32, device=GPU)  # whole rows would stay on SDPA
+    s2_attention(q, k, v, group_size=64, cu_seqlens=packed).sum().backward()
     assert len(calls) == 2 and q.grad is not None
 
 
