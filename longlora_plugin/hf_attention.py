@@ -22,6 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
 
 from .ops import resolve_group_size, s2_attention
+from .sequence_parallel import check_sequence_parallel_padding, ulysses_heads
 
 __all__ = [
     "S2_ATTENTION",
@@ -153,6 +154,7 @@ def s2_attention_mask(
         attention_mask=attention_mask,
         **kwargs,
     )
+    check_sequence_parallel_padding(attention_mask)
     padding = flash_attention_mask(batch_size, q_length, kv_length, attention_mask=attention_mask)
     return S2AttentionMask(padding, mask_kwargs)
 
@@ -230,6 +232,7 @@ def s2_attention_forward(
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None and not torch.equal(cu_q, cu_k):
         raise ValueError("s2_attention needs cu_seq_lens_q == cu_seq_lens_k (self-attention over packed documents)")
+    head_offset, total_heads = ulysses_heads(module, query, kwargs)  # a rank's head block under Ulysses
     out = s2_attention(
         query,
         key,
@@ -244,6 +247,8 @@ def s2_attention_forward(
         softcap=kwargs.get("softcap"),
         sliding_window=kwargs.get("sliding_window"),
         backend=settings.backend,  # type: ignore[arg-type]
+        head_offset=head_offset,
+        total_heads=total_heads,
     )
     return out, None
 

@@ -24,13 +24,20 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def _head_ranges(num_heads: int, group_size: int, shift: bool) -> list[tuple[int, int]]:
-    """(number of heads, group offset) for each consecutive set of heads that shares one segmentation."""
+def _head_ranges(
+    num_heads: int, group_size: int, shift: bool, head_offset: int = 0, total_heads: int | None = None
+) -> list[tuple[int, int]]:
+    """(number of heads, group offset) for each consecutive set of heads that shares one segmentation.
+
+    The local heads are global heads [head_offset, head_offset + num_heads) of total_heads; global heads
+    [total_heads // 2, total_heads) are the shifted ones.
+    """
     offset = group_size // 2 if shift else 0
     if offset == 0:
         return [(num_heads, 0)]
-    half = num_heads // 2
-    return [(n, off) for n, off in ((half, 0), (num_heads - half, offset)) if n]
+    total = num_heads if total_heads is None else total_heads
+    unshifted = min(max(total // 2 - head_offset, 0), num_heads)
+    return [(n, off) for n, off in ((unshifted, 0), (num_heads - unshifted, offset)) if n]
 
 
 def _split_heads(
@@ -257,6 +264,8 @@ def s2_attention(
     softcap: float | None = None,
     sliding_window: int | None = None,
     backend: Backend = "auto",
+    head_offset: int = 0,
+    total_heads: int | None = None,
 ) -> torch.Tensor:
     """Shifted sparse attention for training.
 
@@ -270,6 +279,9 @@ def s2_attention(
         scaling: softmax scale, default D ** -0.5. dropout: attention dropout probability.
         softcap: logit soft-capping (gemma2). sliding_window: a token sees at most this many tokens back.
         backend: "sdpa", "flash" (flash-attn varlen, CUDA fp16/bf16) or "auto".
+        head_offset, total_heads: the H heads given are global heads [head_offset, head_offset + H) of
+            total_heads (default H), as on one rank of head-parallel (Ulysses) attention; the shifted heads are
+            the global [total_heads // 2, total_heads).
 
     Returns:
         (B, S, H, D) contiguous; padding slots are zero.
@@ -289,6 +301,12 @@ def s2_attention(
         raise ValueError(f"S2-Attn group_size must be a positive int, got {group_size!r}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+    total = num_heads if total_heads is None else total_heads
+    if isinstance(head_offset, bool) or not isinstance(head_offset, int) or not 0 <= head_offset <= total - num_heads:
+        raise ValueError(
+            f"S2-Attn head_offset must be an int in [0, total_heads - H] = [0, {total - num_heads}] "
+            f"(H={num_heads}, total_heads={total_heads}), got {head_offset!r}"
+        )
     chosen = _choose_backend(backend, query)
     if layout is None:
         layout = token_layout(
@@ -303,7 +321,7 @@ def s2_attention(
     if layout.num_tokens == 0:  # all padding: zeros that stay in the graph, so that backward still runs
         anchor = (query.sum() + key.sum() + value.sum()) * 0
         return query.new_zeros(batch, seq_len, num_heads, head_dim) + anchor
-    ranges = _head_ranges(num_heads, group_size, shift)
+    ranges = _head_ranges(num_heads, group_size, shift, head_offset, total)
     head_counts = [n for n, _ in ranges]
     attend_kwargs = dict(scaling=scaling, dropout=dropout, softcap=softcap, sliding_window=sliding_window)
     if chosen == "sdpa" and layout.rows_are_documents:

@@ -1,0 +1,325 @@
+"""S2-Attn under DeepSpeed Ulysses sequence parallelism (ALST): one sequence spread over P ranks.
+
+Ulysses gives each rank the whole sequence for a contiguous block of query heads ``[r*H/P, (r+1)*H/P)`` (an
+all-to-all before and after the core attention). S2-Attn's head split is global: heads ``[0, H/2)`` unshifted,
+``[H/2, H)`` shifted. :func:`ulysses_heads` tells the attention function which global heads it holds, from
+DeepSpeed's sequence-parallel state, only when a layer receives fewer heads than its config has.
+
+The rest wires S2-Attn into the launch tools without patching them:
+
+- :func:`register_s2_ulysses`: DeepSpeed's public ``register_with_transformers`` around ``"s2_attention"``, for
+  custom training loops.
+- :func:`s2_parallelism_config`: an accelerate ``ParallelismConfig`` whose DeepSpeed sequence-parallel handler names
+  ``"s2_attention"`` (accelerate's own handler accepts only its built-in names; see docs/sequence-parallel.md for the
+  one-line upstream change that would make this class unnecessary).
+- :func:`sequence_parallel_trainer`: a Trainer subclass that gives single-process gradients (see
+  :func:`single_process_gradient_loss`) and feeds packed batches to DeepSpeed's data adapter.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ParallelSection",
+    "S2_ULYSSES_KEYS_DROPPED",
+    "check_sequence_parallel_batch",
+    "check_sequence_parallel_padding",
+    "register_s2_ulysses",
+    "s2_parallelism_config",
+    "sequence_parallel_group",
+    "sequence_parallel_rank_world",
+    "sequence_parallel_training_arguments",
+    "sequence_parallel_trainer",
+    "single_process_gradient_loss",
+    "ulysses_heads",
+]
+
+# Packed-batch keys describing the whole row, which DeepSpeed's data adapter cannot shard (1-D or scalars).
+# Under Ulysses, S2-Attn reads document boundaries from the (all-gathered) restarting position_ids instead.
+S2_ULYSSES_KEYS_DROPPED = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+_SP_STATE_MODULE = "deepspeed.runtime.sequence_parallel.parallel_state_sp"
+
+
+@dataclass
+class ParallelSection:
+    """Recipe section ``parallel``."""
+
+    sequence_parallel: int = field(
+        default=1,
+        metadata={
+            "help": "P: spread each sequence over P ranks with DeepSpeed Ulysses (needs a DeepSpeed launch, "
+            "e.g. integrations/accelerate/deepspeed_ulysses.yaml; P divides the number of attention heads). "
+            "1: off."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        value = self.sequence_parallel
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"parallel.sequence_parallel must be an int >= 1 (1: off), got {value!r}")
+
+
+def sequence_parallel_group():
+    """DeepSpeed's Ulysses process group when one is initialized in this process, else None.
+
+    Never imports DeepSpeed: a process that did not import its sequence-parallel state has no group.
+    """
+    state = sys.modules.get(_SP_STATE_MODULE)
+    if state is None or getattr(state, "_SEQUENCE_PARALLEL_GROUP", None) is None:
+        return None
+    return state.get_sequence_parallel_group()
+
+
+def sequence_parallel_rank_world() -> tuple[int, int] | None:
+    """(rank, world size) in DeepSpeed's Ulysses group, or None when no group is initialized."""
+    group = sequence_parallel_group()
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _config_heads(config: Any) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None)
+    return heads if isinstance(heads, int) and not isinstance(heads, bool) else None
+
+
+def ulysses_heads(module: Any, query: Any, kwargs: dict[str, Any]) -> tuple[int, int | None]:
+    """(head_offset, total_heads) of the query heads a layer received; (0, None) without head parallelism.
+
+    query is (B, H_local, S, D). When H_local is the config's H, nothing is looked up. Otherwise the layer runs on a
+    rank of Ulysses attention: rank r of the sequence-parallel group holds global heads [r * H_local, (r+1) * H_local)
+    of the full, all-gathered sequence. Also refuses inputs whose document boundaries would be lost there.
+    """
+    total = _config_heads(module.config)
+    local = query.shape[1]
+    if total is None or local == total:
+        return 0, None
+    rank_world = sequence_parallel_rank_world()
+    if rank_world is None:
+        raise ValueError(
+            f"s2_attention got {local} query heads but the model config has num_attention_heads={total}, and no "
+            "DeepSpeed sequence-parallel (Ulysses) group is initialized, so it cannot tell which of the global heads "
+            "these are (S2-Attn shifts heads [H/2, H) only). Head-parallel attention must run under DeepSpeed Ulysses "
+            "(longlora_plugin.sequence_parallel.register_s2_ulysses, or accelerate's sp_backend='deepspeed')."
+        )
+    rank, world = rank_world
+    if local * world != total:
+        raise ValueError(
+            f"s2_attention got {local} query heads on sequence-parallel rank {rank} of {world}, but the config has "
+            f"num_attention_heads={total} (expected {total} / {world} per rank)"
+        )
+    _check_boundaries(kwargs, query.shape[0], query.shape[2], world)
+    return rank * local, total
+
+
+def _check_boundaries(kwargs: dict[str, Any], batch: int, seq_len: int, world: int) -> None:
+    """Refuse layouts whose documents Ulysses would not carry to the core attention."""
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        cu = kwargs.get(key)
+        if cu is not None and int(cu[-1]) != batch * seq_len:
+            raise ValueError(
+                f"under sequence parallelism s2_attention sees the full sequence ({batch} x {seq_len} tokens) but "
+                f"got {key} ending at {int(cu[-1])} (a shard's boundaries). Drop {key} and pass restarting "
+                "position_ids: S2-Attn reads packed documents from the all-gathered position_ids."
+            )
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or seq_len % world:
+        return
+    # Each rank numbering its own shard 0..S/P-1 (model-made ids) turns every shard into a separate document.
+    shard = seq_len // world
+    ids = position_ids.reshape(-1, world, shard)
+    expected = position_ids.new_tensor(range(shard))
+    if world > 1 and bool((ids == expected).all()):
+        raise ValueError(
+            f"under sequence parallelism every rank's position_ids are 0..{shard - 1}: the model made them per shard, "
+            "so each shard would attend as its own document. Put global position_ids in every batch before it is "
+            "sharded (DeepSpeed's UlyssesSPDataLoaderAdapter requires them; TRL's collator adds them)."
+        )
+
+
+def check_sequence_parallel_padding(attention_mask: Any) -> None:
+    """Refuse padding that Ulysses would silently drop: DeepSpeed hands the core attention no mask.
+
+    Called from the mask function with each rank's (B, S/P) slice. Padding at the end of a row is harmless
+    (causal attention never looks forward); anywhere else real tokens would attend to it.
+    """
+    if attention_mask is None or getattr(attention_mask, "ndim", 0) != 2 or sequence_parallel_rank_world() is None:
+        return
+    mask = attention_mask.bool()
+    # A pad followed later by a real token: the running minimum drops below the value.
+    padded_before_real = mask & ~mask.int().cummin(dim=1).values.bool()
+    if bool(padded_before_real.any()):
+        raise ValueError(
+            "under DeepSpeed Ulysses sequence parallelism the core attention gets no attention mask, so padding "
+            "before real tokens (left padding, or padding inside a row) would be attended to. Pad on the right, or "
+            "pack without padding (data.packing: true), with position_ids restarting at each document."
+        )
+
+
+def check_sequence_parallel_batch(batch: dict[str, Any], world: int) -> dict[str, Any]:
+    """A collated batch, ready for DeepSpeed's data adapter: checked, with the unshardable packed keys dropped.
+
+    Needs global position_ids; any padding must be at the end of a row; the length must divide by P.
+    """
+    import torch
+
+    if "position_ids" not in batch:
+        raise ValueError(
+            f"sequence parallelism needs position_ids in every batch (keys: {sorted(batch)}); TRL's collator adds "
+            "them when sp_size > 1, a custom collator must too"
+        )
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+        mask = mask.bool()
+        if bool((mask & ~mask.int().cummin(dim=1).values.bool()).any()):
+            raise ValueError(
+                "sequence parallelism drops the attention mask, so a batch may only be padded on the right; this "
+                "one has padding before real tokens"
+            )
+    length = batch["input_ids"].shape[1]
+    if length % world:
+        raise ValueError(
+            f"a batch of {length} tokens does not split over sequence_parallel={world} ranks; set "
+            f"training.pad_to_multiple_of to a multiple of {world}"
+        )
+    return {key: value for key, value in batch.items() if key not in S2_ULYSSES_KEYS_DROPPED}
+
+
+def register_s2_ulysses(model: Any, sequence_parallel_size: int, micro_batch_size: int = 1, **kwargs: Any):
+    """Wrap ``"s2_attention"`` in DeepSpeed's Ulysses attention and initialize its groups; returns DeepSpeed's mpu.
+
+    For custom training loops (accelerate's ``Accelerator`` does this itself with :func:`s2_parallelism_config`).
+    The model must already use ``attn_implementation="s2_attention"``; torch.distributed must be initialized.
+    Call once per process.
+    """
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    from .hf_attention import S2_ATTENTION
+
+    _check_heads_divide(model.config, sequence_parallel_size)
+    return UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=model,
+        core_attn_implementation=S2_ATTENTION,
+        sequence_parallel_size=sequence_parallel_size,
+        micro_batch_size=micro_batch_size,
+        **kwargs,
+    )
+
+
+def _check_heads_divide(config: Any, world: int) -> None:
+    heads = _config_heads(config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads is None or heads % world or not (kv_heads % world == 0 or world % kv_heads == 0):
+        raise ValueError(
+            f"sequence_parallel={world} must divide num_attention_heads={heads} and either divide or be a multiple "
+            f"of num_key_value_heads={kv_heads} (Ulysses splits heads over the ranks)"
+        )
+
+
+def s2_parallelism_config(sequence_parallel: int):
+    """accelerate's ``ParallelismConfig(sp_backend="deepspeed", sp_size=P)`` with ``"s2_attention"`` as the core.
+
+    accelerate's ``DeepSpeedSequenceParallelConfig`` checks ``sp_attn_implementation`` against a fixed list of
+    built-in names in ``__post_init__``; DeepSpeed itself accepts any name registered with transformers. The
+    subclass below checks our one name and leaves the rest of accelerate's checks as they are.
+    """
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    from .hf_attention import S2_ATTENTION
+
+    @dataclass
+    class S2SequenceParallelConfig(DeepSpeedSequenceParallelConfig):
+        sp_attn_implementation: str | None = S2_ATTENTION
+
+        def __post_init__(self) -> None:
+            if self.sp_attn_implementation != S2_ATTENTION:
+                raise ValueError(
+                    f"S2SequenceParallelConfig runs {S2_ATTENTION!r}, got sp_attn_implementation="
+                    f"{self.sp_attn_implementation!r}"
+                )
+            self.sp_attn_implementation = None  # accelerate's list-check skips None; set back right after
+            super().__post_init__()
+            self.sp_attn_implementation = S2_ATTENTION
+
+    handler = S2SequenceParallelConfig(sp_seq_length_is_variable=True)
+    return ParallelismConfig(sp_backend="deepspeed", sp_size=sequence_parallel, sp_handler=handler)
+
+
+def sequence_parallel_training_arguments(section: ParallelSection, training: dict[str, Any]) -> dict[str, Any]:
+    """Extra ``SFTConfig`` arguments for a recipe's ``parallel`` section ({} when sequence parallelism is off)."""
+    world = section.sequence_parallel
+    if world == 1:
+        return {}
+    multiple = training.get("pad_to_multiple_of")
+    if multiple is not None and multiple % world:
+        raise ValueError(
+            f"training.pad_to_multiple_of={multiple} must be a multiple of parallel.sequence_parallel={world}"
+        )
+    extra: dict[str, Any] = {"parallelism_config": s2_parallelism_config(world)}
+    if multiple is None:
+        extra["pad_to_multiple_of"] = world
+    return extra
+
+
+def single_process_gradient_loss(loss: Any, world: int) -> Any:
+    """The SP loss with its value kept and its gradient divided by P.
+
+    transformers' ``deepspeed_sp_compute_loss`` makes every rank compute the global loss through a differentiable
+    all-gather of the per-rank losses; the all-gather's backward sums the P ranks' gradients, so each rank's local
+    loss gets P times its share, and DeepSpeed then sums over the sequence-parallel ranks and divides by the
+    data-parallel size only. Dividing the gradient (not the logged value) by P gives single-process gradients.
+    """
+    scaled = loss / world
+    return scaled + (loss - scaled).detach()
+
+
+def sequence_parallel_trainer(base: type) -> type:
+    """A subclass of a Trainer class (TRL's SFTTrainer) for Ulysses runs; the class itself when SP is off at run time.
+
+    - The loss's gradient is that of a single process (:func:`single_process_gradient_loss`).
+    - Collated batches are checked and stripped of the packed keys DeepSpeed's data adapter cannot shard
+      (:func:`check_sequence_parallel_batch`), so TRL's padding-free packing trains, with exact per-document groups.
+    """
+
+    class SequenceParallelTrainer(base):  # type: ignore[misc, valid-type]
+        def _sp_world(self) -> int:
+            pc = getattr(self.accelerator, "parallelism_config", None)
+            if pc is None or pc.sp_backend != "deepspeed" or not pc.sp_enabled:
+                return 1
+            return pc.sp_size
+
+        def get_train_dataloader(self):
+            world = self._sp_world()
+            if world > 1 and not getattr(self.data_collator, "_longlora_sp", False):
+                collate = self.data_collator
+
+                def collate_for_ulysses(features):
+                    return check_sequence_parallel_batch(collate(features), world)
+
+                collate_for_ulysses._longlora_sp = True  # type: ignore[attr-defined]
+                self.data_collator = collate_for_ulysses
+            return super().get_train_dataloader()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+            world = self._sp_world()
+            if world == 1 or not model.training:
+                return result
+            if return_outputs:
+                loss, outputs = result
+                return single_process_gradient_loss(loss, world), outputs
+            return single_process_gradient_loss(result, world)
+
+    SequenceParallelTrainer.__name__ = SequenceParallelTrainer.__qualname__ = f"SequenceParallel{base.__name__}"
+    return SequenceParallelTrainer
