@@ -102,13 +102,15 @@ def _worker(rank: int, world: int, port: int, cases: list[dict[str, Any]], out_d
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as sp_state
 
     import longlora_plugin.hf_attention as hf_attention
-    from longlora_plugin import register_s2_attention
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from longlora_plugin import S2_ATTENTION
     from longlora_plugin.sequence_parallel import register_s2_ulysses
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     results = []
     for case in cases:
-        register_s2_attention()  # undo the previous case's Ulysses wrapper around "s2_attention"
+        ALL_ATTENTION_FUNCTIONS._local_mapping.pop(S2_ATTENTION, None)  # the previous case's Ulysses wrapper
         sp_state._release_sequence_parallel_groups()
         model = _build(case)
         model.zero_grad(set_to_none=True)
