@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .sequence_parallel import ParallelSection
+
 __all__ = [
     "ContextSection",
     "DataSection",
@@ -110,6 +112,7 @@ class Recipe:
     data: DataSection
     s2: S2Section = field(default_factory=S2Section)
     lora: LoraSection = field(default_factory=LoraSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     training: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
 
@@ -195,6 +198,7 @@ SECTIONS = {
     "s2": S2Section,
     "lora": LoraSection,
     "data": DataSection,
+    "parallel": ParallelSection,
 }
 
 

@@ -270,22 +270,30 @@ def sequence_parallel_training_arguments(section: ParallelSection, training: dic
     return extra
 
 
-def single_process_gradient_loss(loss: Any, world: int) -> Any:
-    """The SP loss with its value kept and its gradient divided by P.
+def single_process_gradient_loss(local_share: Any, group: Any) -> Any:
+    """The global token-mean loss in value, with the gradient of this rank's own share only.
 
-    transformers' ``deepspeed_sp_compute_loss`` makes every rank compute the global loss through a differentiable
-    all-gather of the per-rank losses; the all-gather's backward sums the P ranks' gradients, so each rank's local
-    loss gets P times its share, and DeepSpeed then sums over the sequence-parallel ranks and divides by the
-    data-parallel size only. Dividing the gradient (not the logged value) by P gives single-process gradients.
+    ``local_share`` is this rank's summed token losses divided by the token count of the whole sequence. Every rank
+    returns the same value (the sum of the shares), while DeepSpeed's gradient reduction sums the ranks' gradients
+    of their own shares over the sequence-parallel group and divides by the data-parallel size: the gradient of one
+    process on the whole sequence.
+
+    transformers' ``deepspeed_sp_compute_loss`` instead differentiates through an all-gather of the per-rank losses;
+    the all-gather's backward already sums the P ranks, so its gradients come out P times too large (and on gloo its
+    0-dim all-gathers fail outright).
     """
-    scaled = loss / world
-    return scaled + (loss - scaled).detach()
+    import torch.distributed as dist
+
+    total = local_share.detach().reshape(1).clone()
+    dist.all_reduce(total, group=group)
+    return local_share + (total[0] - local_share.detach())
 
 
 def sequence_parallel_trainer(base: type) -> type:
-    """A subclass of a Trainer class (TRL's SFTTrainer) for Ulysses runs; the class itself when SP is off at run time.
+    """A subclass of TRL's SFTTrainer (it needs TRL's fused LM head) for Ulysses runs; unchanged when SP is off.
 
-    - The loss's gradient is that of a single process (:func:`single_process_gradient_loss`).
+    - The loss is the token mean over the whole sequence and its gradients are those of a single process
+      (:func:`single_process_gradient_loss`), computed without transformers' ``deepspeed_sp_compute_loss``.
     - Collated batches are checked and stripped of the packed keys DeepSpeed's data adapter cannot shard
       (:func:`check_sequence_parallel_batch`), so TRL's padding-free packing trains, with exact per-document groups.
     """
@@ -310,16 +318,21 @@ def sequence_parallel_trainer(base: type) -> type:
             return super().get_train_dataloader()
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
             world = self._sp_world()
             if world == 1 or not model.training:
-                return result
-            if return_outputs:
-                loss, outputs = result
-                return single_process_gradient_loss(loss, world), outputs
-            return single_process_gradient_loss(result, world)
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            import torch
+            import torch.distributed as dist
+
+            group = sequence_parallel_group()
+            shift_labels = inputs["shift_labels"]  # DeepSpeed's data adapter shifted the labels, then sharded them
+            tokens = (shift_labels != -100).sum().reshape(1).to(torch.float32)  # 1-element: gloo refuses 0-dim
+            dist.all_reduce(tokens, group=group)
+            model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+            # TRL's fused LM head: summed NLL / num_items_in_batch, without the N x vocab logits
+            outputs = model(**model_inputs, fused_lm_head=True, num_items_in_batch=tokens[0].clamp(min=1))
+            loss = single_process_gradient_loss(outputs.loss, group)
+            return (loss, outputs) if return_outputs else loss
 
     SequenceParallelTrainer.__name__ = SequenceParallelTrainer.__qualname__ = f"SequenceParallel{base.__name__}"
     return SequenceParallelTrainer

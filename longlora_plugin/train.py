@@ -188,6 +188,7 @@ def build_trainer(recipe: Recipe):
     from .hf_attention import S2_ATTENTION
     from .config import LongLoraConfig
     from .plugins import dataset_formats
+    from .sequence_parallel import sequence_parallel_trainer, sequence_parallel_training_arguments
 
     formats = dataset_formats()
     if recipe.data.format not in formats:
@@ -203,6 +204,7 @@ def build_trainer(recipe: Recipe):
         max_length=recipe.context.target,
         packing=recipe.data.packing,
         padding_free=recipe.data.packing,
+        **sequence_parallel_training_arguments(recipe.parallel, training),
     )
     checkpoint = _checkpoint_to_resume(args)
     tokenizer = load_tokenizer(recipe)
@@ -237,7 +239,8 @@ def build_trainer(recipe: Recipe):
     check_modules_exist(model, config)
     apply_longlora_settings(model, config)  # position interpolation and S2-Attn on the base
     # TRL wraps the model with peft itself, which it does in the way DeepSpeed ZeRO-3 needs.
-    trainer = SFTTrainer(
+    trainer_class = sequence_parallel_trainer(SFTTrainer) if recipe.parallel.sequence_parallel > 1 else SFTTrainer
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=dataset,

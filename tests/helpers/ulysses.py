@@ -157,3 +157,46 @@ def run_ulysses_cases(world: int, cases: list[dict[str, Any]]) -> dict[str, dict
         )
         results = torch.load(os.path.join(out_dir, "results.pt"))
     return {result["name"]: result for result in results}
+
+
+def _recipe_worker(rank: int, world: int, port: int, recipe_path: str, overrides: dict, ds_config: str, out_dir: str):
+    """One rank of ``accelerate launch --use_deepspeed --num_processes world -m longlora_plugin.train``."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world), ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=ds_config,
+        ACCELERATE_MIXED_PRECISION="no", ACCELERATE_DYNAMO_BACKEND="NO",
+    )
+    torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState
+
+    from longlora_plugin.recipe import load_recipe
+    from longlora_plugin.train import train
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # forked from a process that may have trained already
+    trainer = train(load_recipe(recipe_path, overrides))
+    if rank == 0:
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        summary = {
+            "log_history": trainer.state.log_history,
+            "engine": type(trainer.model_wrapped).__name__,
+            "zero_stage": None if plugin is None else plugin.zero_stage,
+            "sp_size": trainer.accelerator.parallelism_config.sp_size,
+        }
+        torch.save(summary, os.path.join(out_dir, "summary.pt"))
+
+
+def run_recipe_on_ranks(world: int, recipe_path, overrides: dict, ds_config) -> dict[str, Any]:
+    """Train a recipe on ``world`` forked CPU ranks under DeepSpeed; rank 0's log history and engine."""
+    import trl  # noqa: F401  (imported before the fork, like DeepSpeed)
+
+    import longlora_plugin.train  # noqa: F401
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(
+            _recipe_worker,
+            args=(world, free_port(), str(recipe_path), overrides, str(ds_config), out_dir),
+            nprocs=world,
+            join=True,
+            start_method="fork",
+        )
+        return torch.load(os.path.join(out_dir, "summary.pt"), weights_only=False)
