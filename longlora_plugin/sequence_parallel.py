@@ -259,6 +259,7 @@ def sequence_parallel_training_arguments(section: ParallelSection, training: dic
     world = section.sequence_parallel
     if world == 1:
         return {}
+    _check_launch(world, training)
     multiple = training.get("pad_to_multiple_of")
     if multiple is not None and multiple % world:
         raise ValueError(
@@ -268,6 +269,26 @@ def sequence_parallel_training_arguments(section: ParallelSection, training: dic
     if multiple is None:
         extra["pad_to_multiple_of"] = world
     return extra
+
+
+LAUNCH_HINT = (
+    "accelerate launch --config_file integrations/accelerate/deepspeed_ulysses.yaml --num_processes {world} "
+    "-m longlora_plugin.train RECIPE.yaml"
+)
+
+
+def _check_launch(world: int, training: dict[str, Any]) -> None:
+    """Ulysses needs DeepSpeed and a multiple of P processes; without them accelerate would train without SP."""
+    import os
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" or bool(training.get("deepspeed"))
+    if not deepspeed or processes % world:
+        raise ValueError(
+            f"parallel.sequence_parallel={world} needs a DeepSpeed launch over a multiple of {world} processes "
+            f"(this one: {processes} process(es), DeepSpeed {'on' if deepspeed else 'off'}), e.g. "
+            + LAUNCH_HINT.format(world=world)
+        )
 
 
 def single_process_gradient_loss(local_share: Any, group: Any) -> Any:
