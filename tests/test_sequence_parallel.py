@@ -216,3 +216,33 @@ def test_trainer_sp_zero2_packed_gives_single_process_losses(tmp_path):
     for (loss, norm), (ref_loss, ref_norm) in zip(steps(sp["log_history"]), one):
         assert loss == pytest.approx(ref_loss, abs=1e-4) and norm == pytest.approx(ref_norm, rel=1e-4)
     # grad_norm is taken after DeepSpeed's reduction: P times too large gradients would show there first
+
+
+def _cuda_backends():
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        return []
+    return ["sdpa", "flash"] if importlib.util.find_spec("flash_attn") else ["sdpa"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", _cuda_backends() or ["sdpa"])
+def test_head_offset_blocks_on_gpu(backend):
+    """What a Ulysses rank computes on a GPU (bf16, packed documents): its block of the full S2-Attn, forward and
+    backward, for blocks that straddle H/2 and cut through KV groups."""
+    torch.manual_seed(0)
+    # H=12, H_kv=3, P=3 as DeepSpeed would split it: 4 query heads and their one KV head per rank
+    heads, kv_heads, block, seq_len, dim, group = 12, 3, 4, 333, 64, 64
+    q, k, v = (torch.randn(1, h, seq_len, dim) for h in (heads, kv_heads, kv_heads))
+    position_ids = torch.cat([torch.arange(100), torch.arange(233)])[None]
+    full = s2_attention(q, k, v, group_size=group, position_ids=position_ids, backend="sdpa")  # fp32 CPU
+    for first in range(0, heads, block):  # [4, 8) straddles H/2 = 6
+        kv = slice(first // block, first // block + 1)
+        parts = [x.cuda().bfloat16().requires_grad_() for x in (q[:, first : first + block], k[:, kv], v[:, kv])]
+        out = s2_attention(*parts, group_size=group, position_ids=position_ids.cuda(), head_offset=first,
+                           total_heads=heads, backend=backend)
+        out.float().sum().backward()
+        torch.testing.assert_close(out.float().cpu(), full[:, :, first : first + block], atol=3e-2, rtol=3e-2)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in parts)
