@@ -27,6 +27,7 @@ __all__ = [
     "S2_ULYSSES_KEYS_DROPPED",
     "check_sequence_parallel_batch",
     "check_sequence_parallel_padding",
+    "deepspeed_sp_gradient_factor",
     "register_s2_ulysses",
     "s2_parallelism_config",
     "sequence_parallel_group",
@@ -291,7 +292,7 @@ def _check_launch(world: int, training: dict[str, Any]) -> None:
         )
 
 
-def single_process_gradient_loss(local_share: Any, group: Any) -> Any:
+def single_process_gradient_loss(local_share: Any, group: Any, gradient_factor: float = 1.0) -> Any:
     """The global token-mean loss in value, with the gradient of this rank's own share only.
 
     ``local_share`` is this rank's summed token losses divided by the token count of the whole sequence. Every rank
@@ -302,12 +303,35 @@ def single_process_gradient_loss(local_share: Any, group: Any) -> Any:
     transformers' ``deepspeed_sp_compute_loss`` instead differentiates through an all-gather of the per-rank losses;
     the all-gather's backward already sums the P ranks, so its gradients come out P times too large (and on gloo its
     0-dim all-gathers fail outright).
+
+    ``gradient_factor`` multiplies the gradient only, for a reduction that divides by more than the data-parallel
+    size (see :func:`deepspeed_sp_gradient_factor`).
     """
     import torch.distributed as dist
 
     total = local_share.detach().reshape(1).clone()
     dist.all_reduce(total, group=group)
-    return local_share + (total[0] - local_share.detach())
+    scaled = local_share * gradient_factor
+    return scaled + (total[0] - scaled.detach())
+
+
+def deepspeed_sp_gradient_factor(engine: Any, world: int) -> int:
+    """What DeepSpeed's gradient reduction under Ulysses must be compensated by, for single-process gradients.
+
+    DeepSpeed 0.19 sums gradients over the sequence-data-parallel group (P x data-parallel ranks). ZeRO-1/2 then
+    divide by the data-parallel size only (1). ZeRO-3 with ``reduce_scatter`` (its default) pre-divides by the whole
+    group in ``reduce_scatter_coalesced``, P times more (P). ZeRO-3 without ``reduce_scatter`` mixes both paths by
+    bucket size, so it is refused.
+    """
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+    if stage != 3:
+        return 1
+    if getattr(engine.optimizer, "reduce_scatter", True):
+        return world
+    raise ValueError(
+        "sequence parallelism with ZeRO-3 needs zero_optimization.reduce_scatter true (the default): without it "
+        "DeepSpeed 0.19 averages some gradient buckets over the sequence-parallel ranks and others not"
+    )
 
 
 def sequence_parallel_trainer(base: type) -> type:
@@ -352,7 +376,8 @@ def sequence_parallel_trainer(base: type) -> type:
             model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
             # TRL's fused LM head: summed NLL / num_items_in_batch, without the N x vocab logits
             outputs = model(**model_inputs, fused_lm_head=True, num_items_in_batch=tokens[0].clamp(min=1))
-            loss = single_process_gradient_loss(outputs.loss, group)
+            factor = deepspeed_sp_gradient_factor(self.model_wrapped, world)
+            loss = single_process_gradient_loss(outputs.loss, group, gradient_factor=factor)
             return (loss, outputs) if return_outputs else loss
 
     SequenceParallelTrainer.__name__ = SequenceParallelTrainer.__qualname__ = f"SequenceParallel{base.__name__}"

@@ -185,37 +185,49 @@ def _same_record_data(folder, records=48):
     (folder / "data.jsonl").write_text((json.dumps(row) + "\n") * records)
 
 
-def test_trainer_sp_zero2_packed_gives_single_process_losses(tmp_path):
-    """longlora train with parallel.sequence_parallel 2 on two DeepSpeed ZeRO-2 CPU ranks, TRL packing, plain SGD:
-    the step losses and gradient norms of one process without DeepSpeed."""
-    from pathlib import Path
+def _steps(history):
+    return [(h["loss"], h["grad_norm"]) for h in history if "loss" in h]
 
+
+@pytest.fixture(scope="module")
+def sgd_recipe(tmp_path_factory):
+    """A packed SGD recipe without warm-up or clipping (a wrong gradient scale shows in every later loss), and the
+    step losses and gradient norms of one process without DeepSpeed."""
     from tests.helpers.launch_setup import make_base_and_data, write_recipe
-    from tests.helpers.ulysses import run_recipe_on_ranks
 
     from longlora_plugin.recipe import load_recipe
     from longlora_plugin.train import train
 
-    make_base_and_data(tmp_path)
-    _same_record_data(tmp_path)
-    recipe = write_recipe(tmp_path, "run", optim="sgd", learning_rate=0.5, warmup_steps=0,
+    folder = tmp_path_factory.mktemp("sp_trainer")
+    make_base_and_data(folder)
+    _same_record_data(folder)
+    recipe = write_recipe(folder, "run", optim="sgd", learning_rate=0.5, warmup_steps=0, max_grad_norm=0.0,
                           lr_scheduler_type="constant", per_device_train_batch_size=1)
-    common = {"data.packing": True}
+    overrides = {"data.packing": True}
+    one = _steps(train(load_recipe(recipe, {**overrides, "training.output_dir": str(folder / "one")})).state.log_history)
+    return folder, recipe, overrides, one
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_sp_zero_packed_gives_single_process_losses(sgd_recipe, stage):
+    """The recipe with parallel.sequence_parallel 2 on two DeepSpeed ZeRO CPU ranks (TRL packing, plain SGD, no
+    clipping): the step losses and gradient norms of one process. DeepSpeed 0.19 reduces SP gradients differently
+    in ZeRO-2 and ZeRO-3; both must come out right."""
+    from pathlib import Path
+
+    from tests.helpers.ulysses import run_recipe_on_ranks
+
+    folder, recipe, overrides, one = sgd_recipe
     repo = Path(__file__).resolve().parents[1]
     sp = run_recipe_on_ranks(
-        2, recipe, {**common, "parallel.sequence_parallel": 2, "training.output_dir": str(tmp_path / "sp")},
-        repo / "integrations/deepspeed/zero2.json",
+        2, recipe, {**overrides, "parallel.sequence_parallel": 2, "training.output_dir": str(folder / f"sp{stage}")},
+        repo / f"integrations/deepspeed/zero{stage}.json",
     )
-    assert (sp["engine"], sp["zero_stage"], sp["sp_size"]) == ("DeepSpeedEngine", 2, 2)
-
-    def steps(history):
-        return [(h["loss"], h["grad_norm"]) for h in history if "loss" in h]
-
-    one = steps(train(load_recipe(recipe, {**common, "training.output_dir": str(tmp_path / "one")})).state.log_history)
-    assert len(steps(sp["log_history"])) == len(one) == 3
-    for (loss, norm), (ref_loss, ref_norm) in zip(steps(sp["log_history"]), one):
-        assert loss == pytest.approx(ref_loss, abs=1e-4) and norm == pytest.approx(ref_norm, rel=1e-4)
-    # grad_norm is taken after DeepSpeed's reduction: P times too large gradients would show there first
+    assert (sp["engine"], sp["zero_stage"], sp["sp_size"]) == ("DeepSpeedEngine", stage, 2)
+    steps = _steps(sp["log_history"])
+    assert len(steps) == len(one) == 3
+    for (loss, norm), (ref_loss, ref_norm) in zip(steps, one):
+        assert loss == pytest.approx(ref_loss, abs=1e-4) and norm == pytest.approx(ref_norm, rel=1e-4), (steps, one)
 
 
 def _cuda_backends():
