@@ -1,6 +1,7 @@
 """Multi-GPU check of S2-Attn under DeepSpeed Ulysses (NCCL), for the day a machine with >= 2 GPUs is available.
 
     torchrun --nproc_per_node 2 benchmarks/sp_multi_gpu_check.py          # or 4, 8: P = number of GPUs
+    torchrun --nproc_per_node 2 benchmarks/sp_multi_gpu_check.py --cpu --length 512   # the script's own dry run
 
 Every rank computes the single-GPU loss and gradients of a small Llama on the full sequence, then the same under
 Ulysses (its sequence shard, DeepSpeed's all-to-all over NCCL), and compares: fp32 with the SDPA backend (tight
@@ -17,6 +18,9 @@ import sys
 import torch
 
 
+DEVICE = "cuda"
+
+
 def _model(heads: int, kv_heads: int, dtype, backend: str):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -24,9 +28,9 @@ def _model(heads: int, kv_heads: int, dtype, backend: str):
 
     config = LlamaConfig(vocab_size=1000, hidden_size=64 * heads, intermediate_size=128 * heads, num_hidden_layers=2,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=65536)
-    config.s2_group_size, config.s2_backend = 1024, backend
+    config.s2_group_size, config.s2_backend = 256, backend
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="s2_attention", dtype=dtype).cuda().train()
+    return AutoModelForCausalLM.from_config(config, attn_implementation="s2_attention", dtype=dtype).to(DEVICE).train()
 
 
 def _loss(model, ids, positions, labels, count):
@@ -44,14 +48,25 @@ def main() -> int:
     import longlora_plugin.hf_attention as hf_attention
     from longlora_plugin.sequence_parallel import register_s2_ulysses
 
+    global DEVICE
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cpu", action="store_true", help="gloo on CPU ranks: checks this script, not the GPUs")
+    parser.add_argument("--length", type=int, help="tokens per sequence (default 8192 per rank)")
+    args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend="nccl")
-    length = 8192 * world
+    if args.cpu:
+        DEVICE = "cpu"
+        torch.set_num_threads(1)
+    else:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="gloo" if args.cpu else "nccl")
+    length = args.length or 8192 * world
     failures = 0
     cases = [("fp32 sdpa", torch.float32, "sdpa", 2e-4), ("bf16 flash", torch.bfloat16, "flash", 3e-2)]
     for name, dtype, backend, tolerance in cases:
-        if backend == "flash" and not longlora_plugin_flash_available():
+        if backend == "flash" and (args.cpu or not longlora_plugin_flash_available()):
             if rank == 0:
                 print(f"[{name}] skipped: flash-attn not installed", flush=True)
             continue
@@ -61,17 +76,18 @@ def main() -> int:
             heads = 8 if 8 % world == 0 else world
             model = _model(heads, max(1, heads // 4), dtype, backend)
             gen = torch.Generator().manual_seed(1)
-            ids = torch.randint(3, 1000, (1, length), generator=gen).cuda()
+            ids = torch.randint(3, 1000, (1, length), generator=gen).to(DEVICE)
             positions = torch.arange(length)
             if packed:
                 positions = torch.cat([torch.arange(n) for n in (length // 3, length // 2, length - length // 3 - length // 2)])
-            positions = positions[None].cuda()
+            positions = positions[None].to(DEVICE)
             labels = torch.full_like(ids, -100)
             labels[:, :-1] = ids[:, 1:]
             labels[:, :-1][positions[:, 1:] == 0] = -100
             count = (labels != -100).sum()
             reference = _loss(model, ids, positions, labels, count)
             reference.backward()
+            reference = reference.detach()
             ref = {n: p.grad.float().clone() for n, p in model.named_parameters()}
             mpu = register_s2_ulysses(model, world)
             group = mpu.get_sequence_parallel_group()
