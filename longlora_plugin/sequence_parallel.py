@@ -11,7 +11,7 @@ The rest wires S2-Attn into the launch tools without patching them:
   custom training loops.
 - :func:`s2_parallelism_config`: an accelerate ``ParallelismConfig`` whose DeepSpeed sequence-parallel handler names
   ``"s2_attention"`` (accelerate's own handler accepts only its built-in names; see docs/sequence-parallel.md for the
-  one-line upstream change that would make this class unnecessary).
+  small upstream change that would make this class unnecessary).
 - :func:`sequence_parallel_trainer`: a Trainer subclass that gives single-process gradients (see
   :func:`single_process_gradient_loss`) and feeds packed batches to DeepSpeed's data adapter.
 """
