@@ -22,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash
 
 from .ops import TokenLayout, s2_attention, token_layout
 from .settings import S2Settings
+from .sequence_parallel import check_sequence_parallel_padding, ulysses_heads
 
 __all__ = [
     "S2_ATTENTION",
@@ -105,6 +106,7 @@ def s2_attention_mask(
         attention_mask=attention_mask,
         **kwargs,
     )
+    check_sequence_parallel_padding(attention_mask)
     padding = flash_attention_mask(batch_size, q_length, kv_length, attention_mask=attention_mask)
     config = kwargs.get("config")
     return S2AttentionMask(padding, mask_kwargs, None if config is None else S2Settings.from_config(config))
@@ -192,6 +194,7 @@ def s2_attention_forward(
         )
     if settings.logit_scale != 1.0:
         scaling = (query.shape[-1] ** -0.5 if scaling is None else scaling) * settings.logit_scale
+    head_offset, total_heads = ulysses_heads(module, query, kwargs)  # a rank's head block under Ulysses
     out = s2_attention(
         query,
         key,
@@ -204,6 +207,8 @@ def s2_attention_forward(
         softcap=kwargs.get("softcap"),
         sliding_window=kwargs.get("sliding_window"),
         backend=settings.backend,  # type: ignore[arg-type]
+        head_offset=head_offset,
+        total_heads=total_heads,
     )
     return out, None
 

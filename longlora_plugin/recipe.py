@@ -20,6 +20,8 @@ from .compat import checkpointing_arguments
 from .config import LongLoraConfig
 from .settings import InvalidSetting, S2Settings, setting, validate_settings
 
+from .sequence_parallel import ParallelSection
+
 __all__ = [
     "ContextSection",
     "DataSection",
@@ -128,6 +130,7 @@ class Recipe:
     data: DataSection
     s2: S2Settings = field(default_factory=S2Settings)
     lora: LoraSection = field(default_factory=LoraSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     training: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
 
@@ -181,6 +184,7 @@ SECTIONS = {
     "s2": S2Settings,
     "lora": LoraSection,
     "data": DataSection,
+    "parallel": ParallelSection,
 }
 
 

@@ -34,6 +34,7 @@ from .config import LongLoraConfig
 from .data import load_tokenizer as load_named_tokenizer
 from .hf_attention import S2_ATTENTION
 from .plugins import dataset_formats
+from .sequence_parallel import sequence_parallel_trainer, sequence_parallel_training_arguments
 from .recipe import Recipe, load_recipe, parse_overrides
 from .sources import check_local_source
 
@@ -202,6 +203,7 @@ def build_trainer(recipe: Recipe):
         max_length=recipe.context.target,
         packing=recipe.data.packing,
         padding_free=recipe.data.packing,
+        **sequence_parallel_training_arguments(recipe.parallel, training),
     )
     checkpoint = _checkpoint_to_resume(args)
     tokenizer = load_tokenizer(recipe)
@@ -217,7 +219,8 @@ def build_trainer(recipe: Recipe):
     config = LongLoraConfig.for_model(model, **recipe.longlora_kwargs())
     prepare_base(model, config)  # position interpolation and S2-Attn on the base
     # TRL wraps the model with peft itself, which it does in the way DeepSpeed ZeRO-3 needs.
-    trainer = SFTTrainer(
+    trainer_class = sequence_parallel_trainer(SFTTrainer) if recipe.parallel.sequence_parallel > 1 else SFTTrainer
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=dataset,

@@ -156,13 +156,20 @@ def _flash_deterministic() -> bool:
     return os.environ.get("FLASH_ATTENTION_DETERMINISTIC", "0") == "1" or torch.are_deterministic_algorithms_enabled()
 
 
-def _head_ranges(num_heads: int, group_size: int, shift: bool) -> list[tuple[int, int]]:
-    """(number of heads, group offset) for each consecutive set of heads that shares one segmentation."""
+def _head_ranges(
+    num_heads: int, group_size: int, shift: bool, head_offset: int = 0, total_heads: int | None = None
+) -> list[tuple[int, int]]:
+    """(number of heads, group offset) for each consecutive set of heads that shares one segmentation.
+
+    The local heads are global heads [head_offset, head_offset + num_heads) of total_heads; global heads
+    [total_heads // 2, total_heads) are the shifted ones.
+    """
     offset = group_size // 2 if shift else 0
     if offset == 0:
         return [(num_heads, 0)]
-    half = num_heads // 2
-    return [(n, off) for n, off in ((half, 0), (num_heads - half, offset)) if n]
+    total = num_heads if total_heads is None else total_heads
+    unshifted = min(max(total // 2 - head_offset, 0), num_heads)
+    return [(n, off) for n, off in ((unshifted, 0), (num_heads - unshifted, offset)) if n]
 
 
 def _split_heads(
@@ -449,6 +456,8 @@ def s2_attention(
     softcap: float | None = None,
     sliding_window: int | None = None,
     backend: Backend = "auto",
+    head_offset: int = 0,
+    total_heads: int | None = None,
 ) -> torch.Tensor:
     """Shifted sparse attention for training.
 
@@ -464,6 +473,9 @@ def s2_attention(
         backend: "sdpa"; "flash" (flash-attn 2 varlen) or "varlen" (torch's varlen_attn), both CUDA fp16/bf16;
             or "auto": flash, else varlen, else sdpa, taking a kernel only when it serves the layer exactly
             (a forced kernel that cannot raises ValueError naming what it lacks).
+        head_offset, total_heads: the H heads given are global heads [head_offset, head_offset + H) of
+            total_heads (default H), as on one rank of head-parallel (Ulysses) attention; the shifted heads are
+            the global [total_heads // 2, total_heads).
 
     Returns:
         (B, S, H, D) contiguous; padding slots are zero.
@@ -484,6 +496,12 @@ def s2_attention(
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
     scaling = head_dim**-0.5 if scaling is None else scaling
+    total = num_heads if total_heads is None else total_heads
+    if isinstance(head_offset, bool) or not isinstance(head_offset, int) or not 0 <= head_offset <= total - num_heads:
+        raise ValueError(
+            f"S2-Attn head_offset must be an int in [0, total_heads - H] = [0, {total - num_heads}] "
+            f"(H={num_heads}, total_heads={total_heads}), got {head_offset!r}"
+        )
     if layout is None:
         layout = token_layout(
             batch,
@@ -500,7 +518,7 @@ def s2_attention(
     if layout.num_tokens == 0:  # all padding: zeros that stay in the graph, so that backward still runs
         anchor = (query.sum() + key.sum() + value.sum()) * 0
         return query.new_zeros(batch, seq_len, num_heads, head_dim) + anchor
-    ranges = _head_ranges(num_heads, group_size, shift)
+    ranges = _head_ranges(num_heads, group_size, shift, head_offset, total)
     head_counts = [n for n, _ in ranges]
     attend_kwargs = dict(scaling=scaling, dropout=dropout, softcap=softcap, sliding_window=sliding_window)
     if chosen == "sdpa" and layout.rows_are_documents:
