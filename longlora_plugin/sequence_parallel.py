@@ -19,8 +19,10 @@ The rest wires S2-Attn into the launch tools without patching them:
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from .settings import setting, validate_settings
 
 __all__ = [
     "ParallelSection",
@@ -49,19 +51,15 @@ _SP_STATE_MODULE = "deepspeed.runtime.sequence_parallel.parallel_state_sp"
 class ParallelSection:
     """Recipe section ``parallel``."""
 
-    sequence_parallel: int = field(
-        default=1,
-        metadata={
-            "help": "P: spread each sequence over P ranks with DeepSpeed Ulysses (needs a DeepSpeed launch, "
-            "e.g. integrations/accelerate/deepspeed_ulysses.yaml; P divides the number of attention heads). "
-            "1: off."
-        },
+    sequence_parallel: int = setting(
+        1,
+        "P: spread each sequence over P ranks with DeepSpeed Ulysses (needs a DeepSpeed launch, e.g. "
+        "integrations/accelerate/deepspeed_ulysses.yaml; P divides the number of attention heads). 1: off.",
+        "positive int",
     )
 
     def __post_init__(self) -> None:
-        value = self.sequence_parallel
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"parallel.sequence_parallel must be an int >= 1 (1: off), got {value!r}")
+        validate_settings(self, key=lambda name: f"parallel.{name}")
 
 
 def sequence_parallel_group():

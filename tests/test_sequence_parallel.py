@@ -173,7 +173,7 @@ def test_batches_for_the_ulysses_data_adapter():
 
 @pytest.mark.parametrize("value", [0, -2, 1.5, True, "2"])
 def test_parallel_section_refuses_bad_sizes(value):
-    with pytest.raises(ValueError, match="parallel.sequence_parallel must be an int >= 1"):
+    with pytest.raises(ValueError, match="parallel.sequence_parallel must be a positive int"):
         ParallelSection(sequence_parallel=value)
 
 
