@@ -16,11 +16,11 @@ import json
 import resource
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from longlora_plugin.demos.timing import best_time
 from longlora_plugin.ops import s2_attention
 
 
@@ -43,16 +43,6 @@ def roll_s2_with_wrap(q, k, v, group_size):
     out = out.view(batch, seq_len // group_size, heads, group_size, dim).transpose(1, 2).reshape(q.shape)
     out = torch.cat([out[:, :half], out[:, half:].roll(shift, dims=2)], dim=1)
     return out.transpose(1, 2).contiguous()
-
-
-def best_time(step, repeats: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def kernel_case(seq_len: int, repeats: int) -> dict:
