@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .memory import MemorySection
+
 __all__ = [
     "ContextSection",
     "DataSection",
@@ -111,6 +113,7 @@ class Recipe:
     s2: S2Section = field(default_factory=S2Section)
     lora: LoraSection = field(default_factory=LoraSection)
     training: dict[str, Any] = field(default_factory=dict)
+    memory: MemorySection = field(default_factory=MemorySection)
     source: str = "<dict>"
 
     @property
@@ -140,6 +143,7 @@ class Recipe:
         if not _is_int(group) or not 1 <= group <= self.context.target:
             raise ValueError(f"{where}: s2.group_size must be an int in [1, context.target={self.context.target}], got {group!r}")
         self._validate_choices()
+        self.memory.validate(where)
         from trl import SFTConfig
 
         allowed = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -195,6 +199,7 @@ SECTIONS = {
     "s2": S2Section,
     "lora": LoraSection,
     "data": DataSection,
+    "memory": MemorySection,
 }
 
 

@@ -187,6 +187,7 @@ def build_trainer(recipe: Recipe):
     from .adapter import apply_longlora_settings, check_modules_exist
     from .hf_attention import S2_ATTENTION
     from .config import LongLoraConfig
+    from .memory import apply_memory_options, memory_training_arguments
     from .plugins import dataset_formats
 
     formats = dataset_formats()
@@ -194,7 +195,7 @@ def build_trainer(recipe: Recipe):
         raise ValueError(f"{recipe.source}: data.format {recipe.data.format!r} is not one of {sorted(formats)}")
     _check_local_source(recipe.model.name_or_path, "model.name_or_path", recipe.source)
     _check_local_source(recipe.model.tokenizer, "model.tokenizer", recipe.source)
-    training = {**PAPER_DEFAULTS, **recipe.training}
+    training = {**PAPER_DEFAULTS, **memory_training_arguments(recipe.memory, recipe.training, recipe.source)}
     training.setdefault("output_dir", "runs/longlora")
     _check_output_dir(training["output_dir"])
     # Before the model: under DeepSpeed ZeRO-3 the arguments switch on partitioned loading in from_pretrained.
@@ -233,6 +234,7 @@ def build_trainer(recipe: Recipe):
     )
     if lora.target_modules is not None:
         config_kwargs["target_modules"] = lora.target_modules
+    apply_memory_options(model, recipe.memory, recipe.source)  # tiled MLP; checkpointing is in the arguments
     config = LongLoraConfig.for_model(model, **config_kwargs)
     check_modules_exist(model, config)
     apply_longlora_settings(model, config)  # position interpolation and S2-Attn on the base
