@@ -178,7 +178,17 @@ def _settings_record(model: PeftModel, config: LongLoraConfig) -> dict[str, Any]
             "shift": getattr(base_config, "s2_shift", True),
             "logit_scale": getattr(base_config, "s2_logit_scale", 1.0),
         },
+        "trained_on_quantized_base": _quantization_record(base_config),
     }
+
+
+def _quantization_record(base_config: Any) -> dict[str, Any] | None:
+    """The base's bitsandbytes settings when the adapter was trained on a quantized (QLoRA) base, else None."""
+    quantization = getattr(base_config, "quantization_config", None)
+    if quantization is None:
+        return None
+    record = quantization.to_dict() if hasattr(quantization, "to_dict") else dict(quantization)
+    return {key: value for key, value in record.items() if isinstance(value, (str, int, float, bool, type(None)))}
 
 
 def write_longlora_settings(model: PeftModel, folder: str | os.PathLike) -> None:
@@ -257,6 +267,11 @@ def merge_longlora(model: PeftModel, folder: str | os.PathLike, tokenizer: Any =
     """
     if not isinstance(model, PeftModel):
         raise ValueError(f"merge_longlora needs a PeftModel, got {type(model).__name__}")
+    if getattr(model.get_base_model(), "is_quantized", False):
+        raise ValueError(
+            "merge_longlora needs the full-precision base: this one is quantized, and merging would round the "
+            "adapter into 4-bit weights; load the base without quantization_config and load_longlora onto it"
+        )
     merged = model.merge_and_unload()
     for key in ("s2_group_size", "s2_group_size_ratio", "s2_shift", "s2_backend", "s2_logit_scale"):
         if hasattr(merged.config, key):

@@ -71,10 +71,11 @@ def _train(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .adapter import load_longlora, merge_longlora
+    from .adapter import load_longlora, merge_longlora, read_longlora_settings
 
     base = AutoModelForCausalLM.from_pretrained(args.base, dtype="auto")
     model = load_longlora(base, args.adapter)
+    trained_on = read_longlora_settings(args.adapter).get("trained_on_quantized_base")
     tokenizer = None
     for source in (args.adapter, args.base):
         try:
@@ -83,6 +84,10 @@ def _merge(args: argparse.Namespace) -> int:
         except (OSError, ValueError):
             continue
     merge_longlora(model, args.output, tokenizer=tokenizer)
+    precision = str(next(base.parameters()).dtype).removeprefix("torch.")
+    print(f"merged onto the full-precision base {args.base} ({precision})"
+          + (f"; the adapter was trained on its {trained_on.get('bnb_4bit_quant_type', '4-bit')} 4-bit quantization"
+             if trained_on else ""))
     print(f"merged model written to {args.output}")
     return 0
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .memory import MemorySection
+from .quantization import quantization_from_recipe
 
 __all__ = [
     "ContextSection",
@@ -62,6 +63,7 @@ class ModelSection:
     tokenizer: str | None = None  # defaults to name_or_path; "bytes" is the download-free byte tokenizer
     dtype: str = "auto"  # "auto", "bfloat16", "float16", "float32"
     trust_remote_code: bool = False
+    quantization: dict | None = None  # QLoRA: {bits: 4, quant_type: nf4, double_quant: true, compute_dtype: bfloat16}
 
 
 @dataclass
@@ -144,6 +146,7 @@ class Recipe:
             raise ValueError(f"{where}: s2.group_size must be an int in [1, context.target={self.context.target}], got {group!r}")
         self._validate_choices()
         self.memory.validate(where)
+        quantization_from_recipe(self.model.quantization, where)
         from trl import SFTConfig
 
         allowed = {f.name for f in dataclasses.fields(SFTConfig)}

@@ -189,6 +189,7 @@ def build_trainer(recipe: Recipe):
     from .config import LongLoraConfig
     from .memory import apply_memory_options, memory_training_arguments
     from .plugins import dataset_formats
+    from .quantization import keep_trainable_modules_in_float32, prepare_quantized_base, quantization_from_recipe
 
     formats = dataset_formats()
     if recipe.data.format not in formats:
@@ -210,12 +211,16 @@ def build_trainer(recipe: Recipe):
     dataset = formats[recipe.data.format].prepare(recipe, tokenizer)  # validates every record before training
 
     dtype = recipe.model.dtype if recipe.model.dtype == "auto" else getattr(torch, recipe.model.dtype)
+    quantization = quantization_from_recipe(recipe.model.quantization, recipe.source)
     model = AutoModelForCausalLM.from_pretrained(
         recipe.model.name_or_path,
         dtype=dtype,
         attn_implementation=S2_ATTENTION,
         trust_remote_code=recipe.model.trust_remote_code,
+        **({"quantization_config": quantization.bnb_config()} if quantization else {}),
     )
+    if quantization:
+        model = prepare_quantized_base(model)
     lora = recipe.lora
     config_kwargs: dict[str, Any] = dict(
         r=lora.r,
@@ -247,6 +252,8 @@ def build_trainer(recipe: Recipe):
         peft_config=config,
         callbacks=[_settings_in_checkpoints()],
     )
+    if quantization:
+        keep_trainable_modules_in_float32(trainer.model)
     if checkpoint is not None:
         check_resume_checkpoint(checkpoint, trainer.model)
     _check_free_space(trainer)
