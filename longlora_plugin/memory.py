@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MemorySection",
+    "StepMemory",
+    "estimate_step_memory",
     "apply_memory_options",
     "memory_training_arguments",
     "tile_mlp_forward",
@@ -168,3 +170,170 @@ def apply_memory_options(model: torch.nn.Module, memory: MemorySection, where: s
             "(implement the longlora_tiled_mlp hook); set memory.tiled_mlp: null"
         )
     return list(tiled)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The memory model: the peak bytes of one training step (batch 1, N tokens), from the model config alone.
+# Per-layer tensor counts are those of a llama-like decoder layer (norm, q/k/v/o with LoRA, RoPE, attention, gated
+# MLP) as autograd keeps them; they were calibrated against measured CPU steps (benchmarks/bench_memory.py,
+# docs/memory.md), which is also where their limits are stated.
+HIDDEN_SAVED = 10.2  # hidden-sized (N x H) tensors one layer keeps for backward: norms, q/k/v, rope, attention, residuals
+INNER_SAVED = 3.0  # intermediate-sized (N x I) tensors: gate, act(gate), up
+HIDDEN_BACKWARD = 2.0  # extra N x H gradients alive while one layer runs backward
+INNER_BACKWARD = 2.0  # extra N x I gradients (d act, d up) alive in the MLP's backward
+TOKEN_TILE = 4096  # TRL's fused LM head projects 4096 tokens at a time ...
+VOCAB_TILE = 32768  # ... against 32768 vocabulary rows (trl/kernels/chunked_logprob.py)
+CPU_FUSED_TILES = 8.0  # TRL's torch fallback (no Triton) keeps about 8 fp32 tiles alive (exp, log_p, p, grad...)
+HF_LOSS_FP32_COPIES = 2.6  # the model's own loss: logits, plus fp32 log-softmax and gradients, in logits-sized copies
+CUDA_RUNTIME_BYTES = 1.5 * 2**30  # CUDA context, cuBLAS/flash workspaces and allocator slack, on a GPU
+
+ATTENTIONS = ("s2", "sdpa", "flash")
+LOSSES = ("fused", "hf")
+DEVICES = ("cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """The named terms of one step's peak, in bytes; ``total`` is their sum."""
+
+    terms: dict[str, float]
+    seq_len: int
+    options: dict[str, Any]
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.terms.values()))
+
+    def __getitem__(self, key: str) -> Any:  # bench scripts read estimate["total"] / estimate["terms"]
+        return {"total": self.total, "terms": self.terms}[key]
+
+
+def _shape(config: Any) -> dict[str, int]:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return dict(
+        hidden=hidden,
+        inner=config.intermediate_size,
+        layers=config.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab=config.vocab_size,
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+def _lora_parameters(shape: dict[str, int], rank: int, targets: tuple[str, ...]) -> int:
+    h, q, kv, i = shape["hidden"], shape["heads"] * shape["head_dim"], shape["kv_heads"] * shape["head_dim"], shape["inner"]
+    sizes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    unknown = sorted(set(targets) - set(sizes))
+    if unknown:
+        raise ValueError(f"lora targets {unknown} are not llama-like projections; known: {sorted(sizes)}")
+    return shape["layers"] * sum(rank * (sizes[t][0] + sizes[t][1]) for t in targets)
+
+
+def estimate_step_memory(
+    config: Any,
+    seq_len: int,
+    *,
+    dtype: str = "bfloat16",
+    quantization_bits: int | None = None,
+    lora_r: int = 8,
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    trainable_embeddings: bool = True,
+    trainable_norms: bool = True,
+    attention: str = "s2",
+    gradient_checkpointing: bool = True,
+    tiled_mlp: int | None = None,
+    offload: bool = False,
+    loss: str = "fused",
+    device: str = "cuda",
+) -> StepMemory:
+    """The peak bytes of one LongLoRA training step of batch 1 and ``seq_len`` tokens, as named terms.
+
+    ``config``: a transformers config of a llama-like model (config only, no weights). ``dtype``: the weights' and
+    activations' dtype ("bfloat16", "float16", "float32"); ``quantization_bits=4``: QLoRA (NF4 double-quant frozen
+    projections; peft's k-bit preparation keeps embeddings, norms and head, and so the residual stream, in float32).
+    ``loss``: "fused" (TRL SFTTrainer's chunked LM head) or "hf" (the model's own loss over full logits).
+    ``device``: "cuda" (TRL's Triton loss kernel, plus CUDA_RUNTIME_BYTES) or "cpu" (TRL's torch fallback).
+
+    Terms: weights (frozen and trainable, peft's copies of embeddings and norms), trainable state (gradients and
+    AdamW's two moments for LoRA, embeddings, norms), checkpoints (one hidden state per layer, 0 when offloaded;
+    every layer's activations without checkpointing), layer recompute (one layer's activations and gradients in
+    backward), loss head, and runtime (CUDA only).
+    """
+    sizes = {"float32": 4, "bfloat16": 2, "float16": 2}
+    if dtype not in sizes:
+        raise ValueError(f"dtype must be one of {sorted(sizes)}, got {dtype!r}")
+    checks = [
+        ("seq_len", seq_len, _is_int(seq_len) and seq_len >= 1, "a positive int"),
+        ("quantization_bits", quantization_bits, quantization_bits in (None, 4), "None or 4"),
+        ("attention", attention, attention in ATTENTIONS, f"one of {ATTENTIONS}"),
+        ("loss", loss, loss in LOSSES, f"one of {LOSSES}"),
+        ("device", device, device in DEVICES, f"one of {DEVICES}"),
+        ("tiled_mlp", tiled_mlp, tiled_mlp is None or (_is_int(tiled_mlp) and tiled_mlp >= 2), "None or an int >= 2"),
+    ]
+    for name, value, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if offload and (device != "cuda" or not gradient_checkpointing):
+        raise ValueError("offload applies to the checkpoints of gradient checkpointing on a CUDA device")
+    s = _shape(config)
+    n, h, i, v, layers = seq_len, s["hidden"], s["inner"], s["vocab"], s["layers"]
+    q_width, kv_width = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    act = sizes[dtype]
+    # QLoRA: embeddings, norms and head are float32 after peft's k-bit preparation, so the residual stream is too
+    residual = 4 if quantization_bits else act
+    full_bytes = 4 if quantization_bits else act
+
+    projections = layers * (h * (q_width + 2 * kv_width) + q_width * h + 3 * h * i)
+    embedding = v * h
+    head = 0 if s["tied"] else v * h
+    norms = (2 * layers + 1) * h
+    if quantization_bits:
+        projection_bytes = projections * (0.5 + (1 + 4 / 256) / 64)  # 4 bits + double-quantized absmax per 64
+    else:
+        projection_bytes = projections * act
+    lora = _lora_parameters(s, lora_r, tuple(lora_targets))
+    lora_bytes = 2 if quantization_bits else act  # TRL casts a quantized model's LoRA to bfloat16
+    copies = (embedding if trainable_embeddings else 0) + (norms if trainable_norms else 0)  # peft modules_to_save
+    weights = projection_bytes + (embedding + head + norms + copies) * full_bytes + lora * lora_bytes
+    # gradients and AdamW's exp_avg / exp_avg_sq, each in the parameter's dtype
+    trainable_state = 3 * (lora * lora_bytes + copies * full_bytes)
+
+    layer_saved = n * (HIDDEN_SAVED * h * residual + INNER_SAVED * i * act / (tiled_mlp or 1))
+    layer_backward = n * (HIDDEN_BACKWARD * h * residual + INNER_BACKWARD * i * act / (tiled_mlp or 1))
+    if gradient_checkpointing:
+        checkpoints = 0.0 if offload else layers * n * h * residual
+        recompute = layer_saved + layer_backward
+    else:
+        checkpoints = layers * layer_saved
+        recompute = layer_backward
+
+    logits_rows = n
+    tokens_per_tile = min(n, TOKEN_TILE)
+    if loss == "hf":
+        loss_head = logits_rows * v * (act + 4 * HF_LOSS_FP32_COPIES)
+    elif device == "cuda":  # one tile in the compute dtype, fp32 gradient of the hidden states, the gathered hidden
+        loss_head = tokens_per_tile * min(v, VOCAB_TILE) * act + n * h * (4 + residual)
+    else:
+        loss_head = CPU_FUSED_TILES * tokens_per_tile * v * 4 + n * h * (4 + residual)
+    # With checkpointing the loss head's temporaries are gone before the last layer is recomputed; without it every
+    # layer's activations are still held while the loss head runs.
+    if gradient_checkpointing:
+        activations = {"checkpoints": checkpoints, "layer_recompute": recompute if recompute > loss_head else 0.0,
+                       "loss_head": loss_head if loss_head >= recompute else 0.0}
+    else:
+        activations = {"checkpoints": checkpoints, "layer_recompute": 0.0, "loss_head": max(loss_head, recompute)}
+    terms = {
+        "weights": float(weights),
+        "trainable_state": float(trainable_state),
+        **{k: float(val) for k, val in activations.items()},
+        "runtime": CUDA_RUNTIME_BYTES if device == "cuda" else 0.0,
+    }
+    options = dict(dtype=dtype, quantization_bits=quantization_bits, attention=attention, loss=loss, device=device,
+                   gradient_checkpointing=gradient_checkpointing, tiled_mlp=tiled_mlp, offload=offload)
+    return StepMemory(terms=terms, seq_len=seq_len, options=options)
