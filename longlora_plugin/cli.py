@@ -92,6 +92,29 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from .memory import plan_report
+
+    source = Path(args.config)
+    if source.is_file():
+        values = json.loads(source.read_text())
+        config = AutoConfig.for_model(values.pop("model_type", "llama"), **values)
+    else:  # a local folder, or a hub name already in the cache: no download, no weights
+        try:
+            config = AutoConfig.from_pretrained(args.config, local_files_only=True)
+        except OSError:
+            raise ValueError(f"no config.json at {args.config}: give a config file, a model folder, or a hub name "
+                             "whose config is in the local cache") from None
+    print(plan_report(config, args.length, args.memory_gib, dtype=args.dtype,
+                      quantization_bits=4 if args.qlora else None, lora_r=args.lora_r))
+    return 0
+
+
 def _eval_passkey(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -203,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="adapter folder written by training (has longlora.json)")
     merge.add_argument("--output", required=True, help="folder for the merged model")
     merge.set_defaults(run=_merge)
+
+    plan = commands.add_parser(
+        "plan", help="estimate one training step's peak memory at a length, and the memory options that make it fit")
+    plan.add_argument("config", help="a config.json file, a model folder, or a cached hub name (no weights are read)")
+    plan.add_argument("--length", type=int, required=True, help="target sequence length in tokens")
+    plan.add_argument("--memory-gib", type=float, default=79.6, help="device memory in GiB (default: 79.6, an 80 GB "
+                      "H100; an H200 is 140.4)")
+    plan.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    plan.add_argument("--qlora", action="store_true", help="a 4-bit NF4 base (model.quantization)")
+    plan.add_argument("--lora-r", type=int, default=8)
+    plan.set_defaults(run=_plan)
 
     evaluate = commands.add_parser("eval", help="evaluate a base, adapter or merged model with full attention")
     tasks = evaluate.add_subparsers(dest="task", required=True)

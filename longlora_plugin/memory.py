@@ -24,8 +24,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MemorySection",
+    "DEVICE_MEMORY",
+    "SETUPS",
     "StepMemory",
     "estimate_step_memory",
+    "longest_fitting",
+    "plan_report",
+    "stack_options",
     "apply_memory_options",
     "memory_training_arguments",
     "tile_mlp_forward",
@@ -337,3 +342,100 @@ def estimate_step_memory(
     options = dict(dtype=dtype, quantization_bits=quantization_bits, attention=attention, loss=loss, device=device,
                    gradient_checkpointing=gradient_checkpointing, tiled_mlp=tiled_mlp, offload=offload)
     return StepMemory(terms=terms, seq_len=seq_len, options=options)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Projections: the longest sequence one step fits in a device's memory, and `longlora plan`.
+GIB = 2**30
+DEVICE_MEMORY = {"80 GB (A100/H100)": 81559 * 2**20, "141 GB (H200)": 143771 * 2**20}  # as nvidia-smi reports them
+
+
+def stack_options(name: str, seq_len: int, config: Any) -> dict[str, Any]:
+    """The memory options of a named setup: "hf-defaults" (SDPA, no checkpointing, the model's own loss over full
+    logits), "stack" (S2-Attn, non-reentrant checkpointing, TRL's fused loss, MLP tiled in slices of H tokens) and
+    "stack+offload" (the same, checkpoints in host memory)."""
+    if name == "hf-defaults":
+        return dict(attention="sdpa", gradient_checkpointing=False, loss="hf")
+    hidden = _shape(config)["hidden"]
+    shards = max(2, -(-seq_len // hidden))  # DeepSpeed's rule: slices of about H tokens
+    options = dict(attention="s2", gradient_checkpointing=True, loss="fused", tiled_mlp=shards)
+    if name == "stack+offload":
+        options["offload"] = True
+    elif name != "stack":
+        raise ValueError(f"setup must be 'hf-defaults', 'stack' or 'stack+offload', got {name!r}")
+    return options
+
+
+SETUPS = ("hf-defaults", "stack", "stack+offload")
+
+
+def longest_fitting(config: Any, capacity_bytes: float, setup: str, step: int = 1024, **model: Any) -> int:
+    """The longest N (a multiple of ``step``) whose estimated step fits in ``capacity_bytes``; 0 if none does."""
+
+    def fits(n: int) -> bool:
+        return estimate_step_memory(config, n, **stack_options(setup, n, config), **model).total <= capacity_bytes
+
+    if not fits(step):
+        return 0
+    low, high = 1, 2
+    while fits(high * step):
+        low, high = high, high * 2
+        if high > 2**16:  # 64M tokens: beyond anything a step would be run at
+            return low * step
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle * step) else (low, middle)
+    return low * step
+
+
+def plan_report(config: Any, seq_len: int, memory_gib: float, *, dtype: str = "bfloat16",
+                quantization_bits: int | None = None, lora_r: int = 8) -> str:
+    """What ``longlora plan`` prints: each setup's estimate for ``seq_len`` tokens on a ``memory_gib`` GiB device,
+    whether it fits, the options that make it fit, or the sequence-parallel degree P that does."""
+    if not (isinstance(memory_gib, (int, float)) and memory_gib > 0):
+        raise ValueError(f"device memory must be a positive number of GiB, got {memory_gib!r}")
+    capacity = memory_gib * GIB
+    model = dict(dtype=dtype, quantization_bits=quantization_bits, lora_r=lora_r)
+    kind = f"QLoRA ({quantization_bits}-bit base)" if quantization_bits else f"LoRA, {dtype}"
+    lines = [f"one training step, batch 1, {seq_len} tokens, {kind}, on a {memory_gib:g} GiB device:"]
+    fitting = None
+    for setup in SETUPS:
+        options = stack_options(setup, seq_len, config)
+        estimate = estimate_step_memory(config, seq_len, **options, **model)
+        fits = estimate.total <= capacity
+        terms = ", ".join(f"{name} {value / GIB:.1f}" for name, value in estimate.terms.items() if value)
+        lines.append(f"  {setup:14s} {estimate.total / GIB:8.1f} GiB  {'fits' if fits else 'does not fit':12s} ({terms})")
+        if fits and fitting is None and setup != "hf-defaults":
+            fitting = (setup, options)
+    longest = ", ".join(f"{setup} {longest_fitting(config, capacity, setup, **model)}" for setup in SETUPS)
+    lines.append(f"longest step that fits (tokens): {longest}")
+    hf_fits = estimate_step_memory(config, seq_len, **stack_options("hf-defaults", seq_len, config), **model).total <= capacity
+    if hf_fits:
+        lines.append("fits with the Hugging Face defaults")
+    elif fitting is not None:
+        setup, options = fitting
+        recipe = [f"memory.tiled_mlp: {options['tiled_mlp']}", "memory.gradient_checkpointing: true"]
+        if options.get("offload"):
+            recipe.append("memory.offload: true")
+        lines.append(f"fits with {setup}: {', '.join(recipe)} (S2-Attn and TRL's fused loss as the recipes have them)")
+    else:
+        parallel = _sequence_parallel_degree(config, seq_len, capacity, model)
+        if parallel is None:
+            lines.append("does not fit: even 64-way sequence parallelism leaves the weights and one slice too large")
+        else:
+            lines.append(f"does not fit on one device: sequence parallelism (DeepSpeed Ulysses) with P = {parallel} "
+                         f"({seq_len // parallel} tokens per rank, stack+offload, weights replicated) fits")
+    return "\n".join(lines)
+
+
+def _sequence_parallel_degree(config: Any, seq_len: int, capacity: float, model: dict[str, Any]) -> int | None:
+    """Smallest power-of-two P whose per-rank share (N/P tokens, weights replicated) fits. Ulysses splits attention
+    heads across ranks, so P is at most the number of KV heads times the GQA ratio (the query heads)."""
+    heads = _shape(config)["heads"]
+    parallel = 2
+    while parallel <= min(64, heads):
+        share = -(-seq_len // parallel)
+        if estimate_step_memory(config, share, **stack_options("stack+offload", share, config), **model).total <= capacity:
+            return parallel
+        parallel *= 2
+    return None

@@ -157,3 +157,61 @@ def test_a_recipe_trains_with_tiled_mlp_checkpointing_and_trls_fused_lm_head(tin
     assert tiled._longlora_tiled_shards == 2
     trainer.train()
     assert seen[:2] == [True, "FusedCausalLMOutput"]
+
+
+# --- the memory model -------------------------------------------------------------------------------------------
+
+LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32)
+
+
+def test_weight_and_state_terms_count_the_parameters_of_a_real_longlora_model():
+    from longlora_plugin import get_longlora_model
+    from longlora_plugin.memory import estimate_step_memory
+
+    model = tiny_llama(hidden_size=64)
+    config = model.config
+    model = get_longlora_model(model, LongLoraConfig.for_model(model, r=8))
+    held = sum(p.numel() * p.element_size() for p in model.parameters())  # modules_to_save copies included
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    estimate = estimate_step_memory(config, 128, dtype="float32", lora_r=8, device="cpu")
+    assert estimate.terms["weights"] == held
+    assert estimate.terms["trainable_state"] == 3 * trainable  # gradient + AdamW's two moments
+
+
+def test_memory_model_terms_follow_the_options():
+    from transformers import LlamaConfig
+
+    from longlora_plugin.memory import estimate_step_memory
+
+    config = LlamaConfig(**{k: v for k, v in LLAMA2_7B.items() if k != "model_type"})
+    base = estimate_step_memory(config, 65536)
+    double = estimate_step_memory(config, 131072)
+    assert double.terms["checkpoints"] == 2 * base.terms["checkpoints"] > 0
+    assert double.terms["weights"] == base.terms["weights"]
+    assert estimate_step_memory(config, 65536, offload=True).terms["checkpoints"] == 0
+    assert estimate_step_memory(config, 65536, tiled_mlp=16).terms["layer_recompute"] < base.terms["layer_recompute"]
+    qlora = estimate_step_memory(config, 65536, quantization_bits=4)
+    assert qlora.terms["weights"] < 0.45 * base.terms["weights"]
+    assert qlora.terms["checkpoints"] == 2 * base.terms["checkpoints"]  # fp32 residual stream after k-bit preparation
+    hf = estimate_step_memory(config, 65536, attention="sdpa", gradient_checkpointing=False, loss="hf")
+    assert hf.terms["loss_head"] > 65536 * 32000 * 2  # full logits, at least once in bf16
+    with pytest.raises(ValueError, match="loss must be one of \\('fused', 'hf'\\), got 'liger'"):
+        estimate_step_memory(config, 4096, loss="liger")
+    with pytest.raises(ValueError, match="offload applies to the checkpoints"):
+        estimate_step_memory(config, 4096, offload=True, device="cpu")
+
+
+def test_plan_says_what_fits_and_when_sequence_parallelism_is_needed(tmp_path, capsys):
+    from longlora_plugin.cli import main as cli
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA2_7B))
+    cli(["plan", str(path), "--length", "262144", "--memory-gib", "140.4"])
+    out = capsys.readouterr().out
+    assert "hf-defaults" in out and "does not fit" in out
+    assert "fits with stack: memory.tiled_mlp: 64" in out
+    cli(["plan", str(path), "--length", "4194304", "--memory-gib", "79.6"])
+    assert "sequence parallelism (DeepSpeed Ulysses) with P = " in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no config.json at no-such/model-here"):
+        cli(["plan", "no-such/model-here", "--length", "4096"])
