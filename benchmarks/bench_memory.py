@@ -1,7 +1,8 @@
 """Peak memory of one LongLoRA training step on CPU, measured against longlora_plugin.memory.estimate_step_memory.
 
 Each case runs alone in a fresh subprocess: a Llama (hidden 1024, 2 layers, 32k vocabulary, fp32) wrapped with
-LongLoRA (LoRA r=8 on q/k/v/o, embeddings and norms trainable), AdamW. One warm-up step at 64 tokens creates the
+LongLoRA (LoRA r=8 on q/k/v/o, embeddings and norms trainable), AdamW; the "bytes-" cases use a 259-token vocabulary, so
+that the layers' terms are not hidden under the loss head. One warm-up step at 64 tokens creates the
 optimizer state; then the peak resident set (VmHWM, reset through /proc/self/clear_refs) of one step at N tokens
 (forward, backward, optimizer step) is read, less the process's size before the model was built.
 The loss is TRL's fused, chunked LM head (what SFTTrainer computes) or, for "hf-loss", the model's own loss over
@@ -20,15 +21,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-CASES = {  # name -> (attention, checkpointing, loss, tiled_mlp shards)
-    "hf-default": ("sdpa", False, "hf", None),
-    "sdpa": ("sdpa", True, "fused", None),
-    "s2": ("s2_attention", True, "fused", None),
-    "s2-no-ckpt": ("s2_attention", False, "fused", None),
-    "s2-hf-loss": ("s2_attention", True, "hf", None),
-    "s2-tiled-mlp": ("s2_attention", True, "fused", 8),
+CASES = {  # name -> (attention, checkpointing, loss, tiled_mlp shards, vocabulary)
+    "hf-default": ("sdpa", False, "hf", None, 32000),
+    "sdpa": ("sdpa", True, "fused", None, 32000),
+    "s2": ("s2_attention", True, "fused", None, 32000),
+    "s2-no-ckpt": ("s2_attention", False, "fused", None, 32000),
+    "s2-hf-loss": ("s2_attention", True, "hf", None, 32000),
+    "s2-tiled-mlp": ("s2_attention", True, "fused", 8, 32000),
+    # a byte vocabulary: the loss head shrinks and the layers' terms (checkpoints, recompute, tiling) show
+    "bytes-s2": ("s2_attention", True, "fused", None, 259),
+    "bytes-s2-no-ckpt": ("s2_attention", False, "fused", None, 259),
+    "bytes-s2-tiled-mlp": ("s2_attention", True, "fused", 8, 259),
 }
-MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+MODEL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
              num_key_value_heads=16)
 LORA = dict(r=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
 LIMIT_GIB = 7.5  # cases the model predicts above this are not run (the machine is shared)
@@ -51,9 +56,9 @@ def child(case: str, seq_len: int) -> None:
     from longlora_plugin import LongLoraConfig, get_longlora_model
     from longlora_plugin.memory import MemorySection, apply_memory_options
 
-    attention, checkpointing, loss, shards = CASES[case]
+    attention, checkpointing, loss, shards, vocab = CASES[case]
     start = _rss_bytes("VmRSS")
-    config = LlamaConfig(**MODEL, max_position_embeddings=seq_len, s2_group_size_ratio=0.25)
+    config = LlamaConfig(**{**MODEL, "vocab_size": vocab}, max_position_embeddings=seq_len, s2_group_size_ratio=0.25)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).train()
     apply_memory_options(model, MemorySection(tiled_mlp=shards))
@@ -69,7 +74,7 @@ def child(case: str, seq_len: int) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(length: int) -> None:
-        ids = torch.randint(0, MODEL["vocab_size"], (1, length), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
         if loss == "fused":
             out = model(input_ids=ids, labels=ids, use_cache=False, fused_lm_head=True)
         else:
@@ -108,9 +113,9 @@ def predict(case: str, seq_len: int) -> dict:
 
     from longlora_plugin.memory import estimate_step_memory
 
-    attention, checkpointing, loss, shards = CASES[case]
+    attention, checkpointing, loss, shards, vocab = CASES[case]
     return estimate_step_memory(
-        LlamaConfig(**MODEL), seq_len, dtype="float32", lora_r=LORA["r"], lora_targets=LORA["target_modules"],
+        LlamaConfig(**{**MODEL, "vocab_size": vocab}), seq_len, dtype="float32", lora_r=LORA["r"], lora_targets=LORA["target_modules"],
         attention="s2" if attention == "s2_attention" else "sdpa", gradient_checkpointing=checkpointing,
         tiled_mlp=shards, loss=loss, device="cpu",
     )
@@ -140,6 +145,30 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+PROJECTED = {  # the published configs' shapes (config.json of meta-llama/Llama-2-7b-hf and Llama-3.1-8B)
+    "Llama-2-7B": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32),
+    "Llama-3.1-8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8),
+}
+
+
+def projections() -> str:
+    """A markdown table: the longest sequence one step fits, per model, precision, device and setup."""
+    from transformers import LlamaConfig
+
+    from longlora_plugin.memory import DEVICE_MEMORY, SETUPS, longest_fitting
+
+    lines = ["| model | base | device | " + " | ".join(SETUPS) + " |", "| --- | --- | --- |" + " --- |" * len(SETUPS)]
+    for name, shape in PROJECTED.items():
+        config = LlamaConfig(**shape)
+        for bits, label in ((None, "bf16 + LoRA"), (4, "NF4 + LoRA (QLoRA)")):
+            for device, capacity in DEVICE_MEMORY.items():
+                longest = [longest_fitting(config, capacity, setup, quantization_bits=bits) for setup in SETUPS]
+                lines.append(f"| {name} | {label} | {device} | " + " | ".join(f"{n // 1024}k" for n in longest) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
@@ -147,18 +176,36 @@ def main() -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--plot", help="write a PNG plot here")
     parser.add_argument("--limit-gib", type=float, default=LIMIT_GIB)
+    parser.add_argument("--project", action="store_true", help="print only the GPU projections table")
+    parser.add_argument("--measured", help="a JSON-lines file of earlier measurements ({case, N, peak_bytes} per "
+                        "line): the cases it holds are not measured again, new ones are appended to it")
     args = parser.parse_args()
+    if args.project:
+        print(projections())
+        return
+    cached = {}
+    if args.measured and Path(args.measured).is_file():
+        for line in Path(args.measured).read_text().splitlines():
+            record = json.loads(line)
+            if "peak_bytes" in record:
+                cached[(record["case"], record["N"])] = record
     rows = []
     print(f"{'case':14s} {'N':>6s} {'measured':>9s} {'predicted':>9s} {'error':>7s}  terms (GiB)", flush=True)
     for seq_len in args.lengths:
         for case in args.cases:
             estimate = predict(case, seq_len)
-            predicted = estimate["total"] / 2**30
+            predicted = estimate.total / 2**30
             measured = None
-            if predicted <= args.limit_gib:
-                measured = measure(case, seq_len)["peak_bytes"] / 2**30
+            if (case, seq_len) in cached:
+                measured = cached[(case, seq_len)]["peak_bytes"] / 2**30
+            elif predicted <= args.limit_gib:
+                record = measure(case, seq_len)
+                measured = record["peak_bytes"] / 2**30
+                if args.measured:
+                    with open(args.measured, "a") as f:
+                        f.write(json.dumps({"case": case, "N": seq_len, **record}) + "\n")
             error = None if measured is None else (predicted - measured) / measured
-            terms = {k: round(v / 2**30, 3) for k, v in estimate["terms"].items()}
+            terms = {k: round(v / 2**30, 3) for k, v in estimate.terms.items()}
             rows.append({"case": case, "N": seq_len, "measured_gib": measured, "predicted_gib": round(predicted, 3),
                          "error": error, "terms": terms})
             shown = "skipped" if measured is None else f"{measured:8.2f}G"

@@ -209,9 +209,6 @@ class StepMemory:
     def total(self) -> float:
         return float(sum(self.terms.values()))
 
-    def __getitem__(self, key: str) -> Any:  # bench scripts read estimate["total"] / estimate["terms"]
-        return {"total": self.total, "terms": self.terms}[key]
-
 
 def _shape(config: Any) -> dict[str, int]:
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -326,13 +323,10 @@ def estimate_step_memory(
         loss_head = tokens_per_tile * min(v, VOCAB_TILE) * act + n * h * (4 + residual)
     else:
         loss_head = CPU_FUSED_TILES * tokens_per_tile * v * 4 + n * h * (4 + residual)
-    # With checkpointing the loss head's temporaries are gone before the last layer is recomputed; without it every
-    # layer's activations are still held while the loss head runs.
-    if gradient_checkpointing:
-        activations = {"checkpoints": checkpoints, "layer_recompute": recompute if recompute > loss_head else 0.0,
-                       "loss_head": loss_head if loss_head >= recompute else 0.0}
-    else:
-        activations = {"checkpoints": checkpoints, "layer_recompute": 0.0, "loss_head": max(loss_head, recompute)}
+    # The loss head's temporaries are gone before the last layer runs backward, so the two peaks do not add up;
+    # without checkpointing every layer's activations are still held while either runs.
+    activations = {"checkpoints": checkpoints, "layer_recompute": recompute if recompute > loss_head else 0.0,
+                   "loss_head": loss_head if loss_head >= recompute else 0.0}
     terms = {
         "weights": float(weights),
         "trainable_state": float(trainable_state),
