@@ -121,6 +121,17 @@ def predict(case: str, seq_len: int) -> dict:
     )
 
 
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| case | attention | checkpointing | loss | tiled MLP | vocab | N | measured GiB | predicted GiB | error |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in sorted((r for r in rows if r["measured_gib"] is not None), key=lambda r: (list(CASES).index(r["case"]), r["N"])):
+        attention, checkpointing, loss, shards, vocab = CASES[row["case"]]
+        lines.append(f"| {row['case']} | {'S2' if attention == 's2_attention' else 'SDPA'} | {'yes' if checkpointing else 'no'} "
+                     f"| {'TRL fused' if loss == 'fused' else 'full logits'} | {shards or '-'} | {vocab} | {row['N']} "
+                     f"| {row['measured_gib']:.2f} | {row['predicted_gib']:.2f} | {row['error']:+.1%} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -137,7 +148,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length N (tokens)")
     ax.set_ylabel("peak memory of one step (GiB)")
-    ax.set_title("One LongLoRA step on CPU, fp32, hidden 1024, 2 layers, 32k vocab\n"
+    ax.set_title("One LongLoRA step on CPU, fp32, hidden 1024, 2 layers, 32k vocabulary (bytes-: 259)\n"
                  "measured (o, solid) and estimate_step_memory (x, dashed)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -175,6 +186,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--plot", help="write a PNG plot here")
+    parser.add_argument("--markdown", help="write the measured rows as a markdown table here")
     parser.add_argument("--limit-gib", type=float, default=LIMIT_GIB)
     parser.add_argument("--project", action="store_true", help="print only the GPU projections table")
     parser.add_argument("--measured", help="a JSON-lines file of earlier measurements ({case, N, peak_bytes} per "
@@ -216,6 +228,8 @@ def main() -> None:
         print(f"largest |error|: {max(errors):.1%} over {len(errors)} measured cases")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(rows))
     if args.plot:
         plot(rows, args.plot)
 

@@ -259,6 +259,8 @@ def estimate_step_memory(
     ``config``: a transformers config of a llama-like model (config only, no weights). ``dtype``: the weights' and
     activations' dtype ("bfloat16", "float16", "float32"); ``quantization_bits=4``: QLoRA (NF4 double-quant frozen
     projections; peft's k-bit preparation keeps embeddings, norms and head, and so the residual stream, in float32).
+    ``attention``: "s2", "sdpa" or "flash", all O(N) in memory (S2 and SDPA measured equal); eager attention's
+    N x N scores are not modelled.
     ``loss``: "fused" (TRL SFTTrainer's chunked LM head) or "hf" (the model's own loss over full logits).
     ``device``: "cuda" (TRL's Triton loss kernel, plus CUDA_RUNTIME_BYTES) or "cpu" (TRL's torch fallback).
 

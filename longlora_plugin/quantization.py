@@ -12,7 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["QUANT_TYPES", "QuantizationSettings", "keep_trainable_modules_in_float32", "quantization_from_recipe"]
+__all__ = [
+    "QUANT_TYPES",
+    "QuantizationSettings",
+    "keep_trainable_modules_in_float32",
+    "prepare_quantized_base",
+    "quantization_from_recipe",
+]
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
