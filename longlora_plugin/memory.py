@@ -186,6 +186,7 @@ HIDDEN_SAVED = 10.2  # hidden-sized (N x H) tensors one layer keeps for backward
 INNER_SAVED = 3.0  # intermediate-sized (N x I) tensors: gate, act(gate), up
 HIDDEN_BACKWARD = 2.0  # extra N x H gradients alive while one layer runs backward
 INNER_BACKWARD = 2.0  # extra N x I gradients (d act, d up) alive in the MLP's backward
+TILED_HIDDEN = 2.0  # TiledMLP's own N x H buffers: the input gradient it fills slice by slice, the concatenated output
 TOKEN_TILE = 4096  # TRL's fused LM head projects 4096 tokens at a time ...
 VOCAB_TILE = 32768  # ... against 32768 vocabulary rows (trl/kernels/chunked_logprob.py)
 CPU_FUSED_TILES = 8.0  # TRL's torch fallback (no Triton) keeps about 8 fp32 tiles alive (exp, log_p, p, grad...)
@@ -310,6 +311,8 @@ def estimate_step_memory(
 
     layer_saved = n * (HIDDEN_SAVED * h * residual + INNER_SAVED * i * act / (tiled_mlp or 1))
     layer_backward = n * (HIDDEN_BACKWARD * h * residual + INNER_BACKWARD * i * act / (tiled_mlp or 1))
+    if tiled_mlp:
+        layer_backward += n * TILED_HIDDEN * h * act
     if gradient_checkpointing:
         checkpoints = 0.0 if offload else layers * n * h * residual
         recompute = layer_saved + layer_backward
