@@ -190,7 +190,7 @@ TILED_HIDDEN = 2.0  # TiledMLP's own N x H buffers: the input gradient it fills 
 TOKEN_TILE = 4096  # TRL's fused LM head projects 4096 tokens at a time ...
 VOCAB_TILE = 32768  # ... against 32768 vocabulary rows (trl/kernels/chunked_logprob.py)
 CPU_FUSED_TILES = 8.0  # TRL's torch fallback (no Triton) keeps about 8 fp32 tiles alive (exp, log_p, p, grad...)
-HF_LOSS_FP32_COPIES = 2.6  # the model's own loss: logits, plus fp32 log-softmax and gradients, in logits-sized copies
+HF_LOSS_FP32_COPIES = 3.0  # the model's own loss: logits, then fp32 log-softmax, its gradient and the logits gradient
 CUDA_RUNTIME_BYTES = 1.5 * 2**30  # CUDA context, cuBLAS/flash workspaces and allocator slack, on a GPU
 
 ATTENTIONS = ("s2", "sdpa", "flash")
