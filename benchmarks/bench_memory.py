@@ -8,7 +8,9 @@ optimizer state; then the peak resident set (VmHWM, reset through /proc/self/cle
 The loss is TRL's fused, chunked LM head (what SFTTrainer computes) or, for "hf-loss", the model's own loss over
 full logits.
 
-    python benchmarks/bench_memory.py                          # the table in docs/memory.md (about 30 minutes)
+    python benchmarks/bench_memory.py --measured runs/measured.jsonl --plot docs/memory-cpu.png
+        # the table in docs/memory.md: hours on 2 shared cores (a 32k-vocabulary step at 8192 tokens takes ~8 min);
+        # --measured keeps each result, so an interrupted run resumes; cases predicted above --limit-gib are skipped
     python benchmarks/bench_memory.py --lengths 2048 4096 --cases s2 sdpa --plot /tmp/m.png
 """
 
@@ -182,7 +184,7 @@ def projections() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--plot", help="write a PNG plot here")
