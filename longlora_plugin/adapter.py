@@ -177,7 +177,17 @@ def _settings_record(model: PeftModel, config: LongLoraConfig) -> dict[str, Any]
         "max_position_embeddings": base_config.max_position_embeddings,
         "rope_parameters": base_config.rope_parameters,
         "s2": S2Settings.from_config(base_config).to_record(),
+        "trained_on_quantized_base": _quantization_record(base_config),
     }
+
+
+def _quantization_record(base_config: Any) -> dict[str, Any] | None:
+    """The base's bitsandbytes settings when the adapter was trained on a quantized (QLoRA) base, else None."""
+    quantization = getattr(base_config, "quantization_config", None)
+    if quantization is None:
+        return None
+    record = quantization.to_dict() if hasattr(quantization, "to_dict") else dict(quantization)
+    return {key: value for key, value in record.items() if isinstance(value, (str, int, float, bool, type(None)))}
 
 
 def write_longlora_settings(model: PeftModel, folder: str | os.PathLike) -> None:
@@ -249,6 +259,11 @@ def merge_longlora(model: PeftModel, folder: str | os.PathLike, tokenizer: Any =
     """
     if not isinstance(model, PeftModel):
         raise ValueError(f"merge_longlora needs a PeftModel, got {type(model).__name__}")
+    if getattr(model.get_base_model(), "is_quantized", False):
+        raise ValueError(
+            "merge_longlora needs the full-precision base: this one is quantized, and merging would round the "
+            "adapter into 4-bit weights; load the base without quantization_config and load_longlora onto it"
+        )
     merged = model.merge_and_unload()
     S2Settings.remove_from(merged.config)
     merged.set_attn_implementation("sdpa" if merged._supports_sdpa else "eager")

@@ -17,6 +17,7 @@ __all__ = [
     "BuiltinFamilies",
     "find_attention_projections",
     "find_embedding_modules",
+    "find_mlp_modules",
     "find_norm_modules",
     "is_norm_module",
 ]
@@ -52,6 +53,17 @@ def find_attention_projections(model: torch.nn.Module) -> list[str]:
                 if isinstance(sub, torch.nn.Linear)
             ]
     return projections
+
+
+def find_mlp_modules(model: torch.nn.Module) -> list[str]:
+    """Dense MLP blocks that take and return one hidden-state tensor: modules whose class name ends in "MLP"
+    (LlamaMLP, Qwen2MLP, Phi3MLP, GPTNeoXMLP...), outermost only. MoE blocks (they also return router logits) are
+    not among them."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if name and type(module).__name__.endswith("MLP") and not any(name.startswith(f"{outer}.") for outer in found):
+            found.append(name)
+    return found
 
 
 BUILTIN_FAMILIES = (
@@ -95,6 +107,16 @@ class BuiltinFamilies:
                 "so they would ignore S2-Attn",
             )
         return S2Support(supported=True)
+
+    @hookimpl
+    def longlora_tiled_mlp(self, model, shards):
+        from .memory import tile_mlp_forward
+
+        names = find_mlp_modules(model)
+        modules = dict(model.named_modules())
+        for name in names:
+            tile_mlp_forward(modules[name], shards)
+        return names or None
 
     @hookimpl
     def longlora_model_families(self):

@@ -75,13 +75,14 @@ def _train(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
-    from .adapter import load_longlora, merge_longlora
+    from .adapter import load_longlora, merge_longlora, read_longlora_settings
     from .data import load_tokenizer
 
     check_local_source(args.base, "--base")
     check_local_source(args.adapter, "--adapter")
     base = AutoModelForCausalLM.from_pretrained(args.base, dtype="auto")
     model = load_longlora(base, args.adapter)
+    trained_on = read_longlora_settings(args.adapter).get("trained_on_quantized_base")
     tokenizer = None
     for source in (args.adapter, args.base):
         try:
@@ -90,7 +91,34 @@ def _merge(args: argparse.Namespace) -> int:
         except (OSError, ValueError):
             continue
     merge_longlora(model, args.output, tokenizer=tokenizer)
+    precision = str(next(base.parameters()).dtype).removeprefix("torch.")
+    print(f"merged onto the full-precision base {args.base} ({precision})"
+          + (f"; the adapter was trained on its {trained_on.get('bnb_4bit_quant_type', '4-bit')} 4-bit quantization"
+             if trained_on else ""))
     print(f"merged model written to {args.output}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from .memory import plan_report
+
+    source = Path(args.config)
+    if source.is_file():
+        values = json.loads(source.read_text())
+        config = AutoConfig.for_model(values.pop("model_type", "llama"), **values)
+    else:  # a local folder, or a hub name already in the cache: no download, no weights
+        try:
+            config = AutoConfig.from_pretrained(args.config, local_files_only=True)
+        except OSError:
+            raise ValueError(f"no config.json at {args.config}: give a config file, a model folder, or a hub name "
+                             "whose config is in the local cache") from None
+    print(plan_report(config, args.length, args.memory_gib, dtype=args.dtype,
+                      quantization_bits=4 if args.qlora else None, lora_r=args.lora_r))
     return 0
 
 
@@ -205,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="adapter folder written by training (has longlora.json)")
     merge.add_argument("--output", required=True, help="folder for the merged model")
     merge.set_defaults(run=_merge)
+
+    plan = commands.add_parser(
+        "plan", help="estimate one training step's peak memory at a length, and the memory options that make it fit")
+    plan.add_argument("config", help="a config.json file, a model folder, or a cached hub name (no weights are read)")
+    plan.add_argument("--length", type=int, required=True, help="target sequence length in tokens")
+    plan.add_argument("--memory-gib", type=float, default=79.6, help="device memory in GiB (default: 79.6, an 80 GB "
+                      "H100; an H200 is 140.4)")
+    plan.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    plan.add_argument("--qlora", action="store_true", help="a 4-bit NF4 base (model.quantization)")
+    plan.add_argument("--lora-r", type=int, default=8)
+    plan.set_defaults(run=_plan)
 
     evaluate = commands.add_parser("eval", help="evaluate a base, adapter or merged model with full attention")
     tasks = evaluate.add_subparsers(dest="task", required=True)

@@ -96,3 +96,13 @@ def longlora_model_families():
 @hookspec
 def longlora_dataset_formats():
     """A list of ``longlora_plugin.hookspecs.DatasetFormat`` that recipes can name in ``data.format``."""
+
+
+@hookspec(firstresult=True)
+def longlora_tiled_mlp(model, shards):
+    """Make the model's MLP modules run on ``shards`` slices of the sequence (the recipe's ``memory.tiled_mlp``).
+
+    Return the names of the modules tiled, or None when this plugin does not know the family.
+    ``longlora_plugin.memory.tile_mlp_forward(module, shards)`` tiles one token-wise module with DeepSpeed's
+    ``TiledMLP``.
+    """

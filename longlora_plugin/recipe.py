@@ -22,6 +22,9 @@ from .settings import InvalidSetting, S2Settings, setting, validate_settings
 
 from .sequence_parallel import ParallelSection
 
+from .memory import MemorySection
+from .quantization import quantization_from_recipe
+
 __all__ = [
     "ContextSection",
     "DataSection",
@@ -60,6 +63,7 @@ class ModelSection:
     tokenizer: str | None = None  # defaults to name_or_path; "bytes" is the download-free byte tokenizer
     dtype: str = setting("auto", "Weights dtype.", choices=DTYPES)
     trust_remote_code: bool = setting(False, "Allow model code from the hub.", "bool")
+    quantization: dict | None = None  # QLoRA: {bits: 4, quant_type: nf4, double_quant: true, compute_dtype: bfloat16}
 
 
 # The adapter settings a recipe gives, as LongLoraConfig fields: LongLoraConfig holds their defaults and rules.
@@ -132,6 +136,7 @@ class Recipe:
     lora: LoraSection = field(default_factory=LoraSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     training: dict[str, Any] = field(default_factory=dict)
+    memory: MemorySection = field(default_factory=MemorySection)
     source: str = "<dict>"
 
     @property
@@ -167,6 +172,8 @@ class Recipe:
         if low is not None and isinstance(target, int) and low > target:
             raise ValueError(f"{where}: data.min_length must be at most context.target ({target}), got {low!r}")
         self.longlora_config()
+        self.memory.validate(where)
+        quantization_from_recipe(self.model.quantization, where)
         allowed = {f.name for f in dataclasses.fields(SFTConfig)}
         unknown = sorted(set(checkpointing_arguments(self.training)) - allowed)
         if unknown:
@@ -185,6 +192,7 @@ SECTIONS = {
     "lora": LoraSection,
     "data": DataSection,
     "parallel": ParallelSection,
+    "memory": MemorySection,
 }
 
 

@@ -33,7 +33,9 @@ from .compat import checkpointing_arguments
 from .config import LongLoraConfig
 from .data import load_tokenizer as load_named_tokenizer
 from .hf_attention import S2_ATTENTION
+from .memory import apply_memory_options, memory_training_arguments
 from .plugins import dataset_formats
+from .quantization import keep_trainable_modules_in_float32, prepare_quantized_base, quantization_from_recipe
 from .sequence_parallel import sequence_parallel_trainer, sequence_parallel_training_arguments
 from .recipe import Recipe, load_recipe, parse_overrides
 from .sources import check_local_source
@@ -194,7 +196,10 @@ def build_trainer(recipe: Recipe):
     check_local_source(recipe.model.name_or_path, f"{recipe.source}: model.name_or_path")
     check_local_source(recipe.model.tokenizer, f"{recipe.source}: model.tokenizer")
     _quiet_other_libraries()
-    training = {**checkpointing_arguments(PAPER_DEFAULTS), **checkpointing_arguments(recipe.training)}
+    training = {
+        **checkpointing_arguments(PAPER_DEFAULTS),
+        **memory_training_arguments(recipe.memory, checkpointing_arguments(recipe.training), recipe.source),
+    }
     training.setdefault("output_dir", "runs/longlora")
     _check_output_dir(training["output_dir"])
     # Before the model: under DeepSpeed ZeRO-3 the arguments switch on partitioned loading in from_pretrained.
@@ -210,12 +215,17 @@ def build_trainer(recipe: Recipe):
     dataset = formats[recipe.data.format].prepare(recipe, tokenizer)  # validates every record before training
 
     dtype = recipe.model.dtype if recipe.model.dtype == "auto" else getattr(torch, recipe.model.dtype)
+    quantization = quantization_from_recipe(recipe.model.quantization, recipe.source)
     model = AutoModelForCausalLM.from_pretrained(
         recipe.model.name_or_path,
         dtype=dtype,
         attn_implementation=S2_ATTENTION,
         trust_remote_code=recipe.model.trust_remote_code,
+        **({"quantization_config": quantization.bnb_config()} if quantization else {}),
     )
+    if quantization:
+        model = prepare_quantized_base(model)
+    apply_memory_options(model, recipe.memory, recipe.source)  # tiled MLP; checkpointing is in the arguments
     config = LongLoraConfig.for_model(model, **recipe.longlora_kwargs())
     prepare_base(model, config)  # position interpolation and S2-Attn on the base
     # TRL wraps the model with peft itself, which it does in the way DeepSpeed ZeRO-3 needs.
@@ -228,6 +238,8 @@ def build_trainer(recipe: Recipe):
         peft_config=config,
         callbacks=[_settings_in_checkpoints()],
     )
+    if quantization:
+        keep_trainable_modules_in_float32(trainer.model)
     if checkpoint is not None:
         check_resume_checkpoint(checkpoint, trainer.model)
     _check_free_space(trainer)
