@@ -216,5 +216,6 @@ def test_plan_says_what_fits_and_when_sequence_parallelism_is_needed(tmp_path, c
     assert "fits with stack: memory.tiled_mlp: 64" in out
     cli(["plan", str(path), "--length", "4194304", "--memory-gib", "79.6"])
     assert "sequence parallelism (DeepSpeed Ulysses) with P = " in capsys.readouterr().out
-    with pytest.raises(ValueError, match="no config.json at no-such/model-here"):
+    with pytest.raises(SystemExit) as refused:  # one line, exit status 2
         cli(["plan", "no-such/model-here", "--length", "4096"])
+    assert refused.value.code == 2 and "longlora: error: no config.json at no-such/model-here" in capsys.readouterr().err
