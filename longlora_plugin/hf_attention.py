@@ -20,8 +20,10 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
+from transformers.utils import logging
 
 from .ops import resolve_group_size, s2_attention
+from .ops.shifted_sparse import _choose_backend
 
 __all__ = [
     "S2_ATTENTION",
@@ -37,6 +39,9 @@ __all__ = [
 
 S2_ATTENTION = "s2_attention"
 _BACKENDS = ("auto", "sdpa", "flash")
+# Under transformers' logger tree, so TRANSFORMERS_VERBOSITY=info shows that training took the S2-Attn path.
+logger = logging.get_logger(f"transformers.{__name__}")
+_announced: list[bool] = []  # one INFO line per process, on the first S2-Attn training forward
 
 
 @dataclass(frozen=True)
@@ -230,11 +235,16 @@ def s2_attention_forward(
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None and not torch.equal(cu_q, cu_k):
         raise ValueError("s2_attention needs cu_seq_lens_q == cu_seq_lens_k (self-attention over packed documents)")
+    group_size = settings.group_size_for(query.shape[2])
+    if not _announced:
+        _announced.append(True)
+        backend = _choose_backend(settings.backend, query)
+        logger.info(f"s2_attention: training with S2-Attn, G={group_size}, backend={backend}")
     out = s2_attention(
         query,
         key,
         value,
-        group_size=settings.group_size_for(query.shape[2]),
+        group_size=group_size,
         shift=settings.shift,
         padding_mask=_padding_mask(attention_mask),
         position_ids=kwargs.get("position_ids"),

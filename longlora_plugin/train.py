@@ -181,7 +181,7 @@ def _settings_in_checkpoints():
 
 def build_trainer(recipe: Recipe):
     """Tokenizer, data, base model + LongLoRA (position interpolation, S2-Attn, LoRA+), and the SFTTrainer."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from .adapter import apply_longlora_settings, check_modules_exist
@@ -238,7 +238,9 @@ def build_trainer(recipe: Recipe):
     config = LongLoraConfig.for_model(model, **config_kwargs)
     check_modules_exist(model, config)
     apply_longlora_settings(model, config)  # position interpolation and S2-Attn on the base
-    # TRL wraps the model with peft itself, which it does in the way DeepSpeed ZeRO-3 needs.
+    # TRL wraps the model with peft itself, which it does in the way DeepSpeed ZeRO-3 needs. Seeded first: TRL
+    # (1.14 at least) draws the LoRA init before the Trainer seeds, so equal seeds would start from other weights.
+    set_seed(args.seed)
     trainer = SFTTrainer(
         model=model,
         args=args,
