@@ -53,3 +53,14 @@ def test_user_environments_fit_the_ranges(environment):
         if not REQUIREMENTS[name].specifier.contains(release)
     }
     assert refused == {}, f"{environment}: our ranges refuse {refused}"
+
+
+def test_readme_ranges_table_states_the_pyproject_floors():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("<!-- ranges:begin -->")[1].split("<!-- ranges:end -->")[0]
+    rows = [line.split("|")[1:4] for line in table.strip().splitlines()[2:]]
+    stated = {name.strip(): (spec.strip(), tested.strip().split()[0]) for name, spec, tested in rows}
+    for name, (spec, floor_tested) in stated.items():
+        assert Requirement(name + spec.replace(" ", "")).specifier == REQUIREMENTS[name].specifier, name
+        if name != "torch":  # torch's floor is named by its API; CI runs the floor set on 2.13.0 CPU
+            assert Version(floor_tested) == floor(REQUIREMENTS[name]), name
