@@ -19,10 +19,12 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
+from transformers.utils import logging
 
 from .ops import TokenLayout, s2_attention, token_layout
-from .settings import S2Settings
+from .ops.shifted_sparse import _choose_backend
 from .sequence_parallel import check_sequence_parallel_padding, ulysses_heads
+from .settings import S2Settings
 
 __all__ = [
     "S2_ATTENTION",
@@ -34,6 +36,9 @@ __all__ = [
 ]
 
 S2_ATTENTION = "s2_attention"
+# Under transformers' logger tree, so TRANSFORMERS_VERBOSITY=info shows that training took the S2-Attn path.
+logger = logging.get_logger(f"transformers.{__name__}")
+_announced: list[bool] = []  # one INFO line per process, on the first S2-Attn training forward
 
 
 def configure_s2(model_or_config: Any, **settings: Any) -> S2Settings:
@@ -195,11 +200,19 @@ def s2_attention_forward(
     if settings.logit_scale != 1.0:
         scaling = (query.shape[-1] ** -0.5 if scaling is None else scaling) * settings.logit_scale
     head_offset, total_heads = ulysses_heads(module, query, kwargs)  # a rank's head block under Ulysses
+    group_size = settings.group_size_for(seq_len)
+    if not _announced:
+        _announced.append(True)
+        backend = _choose_backend(
+            settings.backend, query, key, rows_are_documents=layout.rows_are_documents, scaling=scaling,
+            dropout=dropout, softcap=kwargs.get("softcap"), sliding_window=kwargs.get("sliding_window"),
+        )
+        logger.info(f"s2_attention: training with S2-Attn, G={group_size}, backend={backend}")
     out = s2_attention(
         query,
         key,
         value,
-        group_size=settings.group_size_for(seq_len),
+        group_size=group_size,
         shift=settings.shift,
         layout=layout,
         scaling=scaling,

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
@@ -228,7 +228,9 @@ def build_trainer(recipe: Recipe):
     apply_memory_options(model, recipe.memory, recipe.source)  # tiled MLP; checkpointing is in the arguments
     config = LongLoraConfig.for_model(model, **recipe.longlora_kwargs())
     prepare_base(model, config)  # position interpolation and S2-Attn on the base
-    # TRL wraps the model with peft itself, which it does in the way DeepSpeed ZeRO-3 needs.
+    # TRL wraps the model with peft itself, which it does in the way DeepSpeed ZeRO-3 needs. Seeded first: TRL (1.14
+    # at least) draws the LoRA init before the Trainer seeds, so equal seeds would start from other weights.
+    set_seed(args.seed)
     trainer_class = sequence_parallel_trainer(SFTTrainer) if recipe.parallel.sequence_parallel > 1 else SFTTrainer
     trainer = trainer_class(
         model=model,
