@@ -17,6 +17,7 @@ import torch
 import torch.nn.attention.varlen as torch_varlen
 import torch.nn.functional as F
 from tests.helpers import kernel_emulations as emu
+from tests.helpers.compare import logits_and_grads
 from tests.helpers.reference import reference_s2_attention
 from tests.test_s2_ops import LAYOUTS, SHAPES, make_layout, random_qkv
 
@@ -494,13 +495,10 @@ def test_tiny_models_train_mode_through_the_kernels_match_reference(kernels, mod
     model, reference = build_pair(model_type, REFERENCE, s2_backend=backend)
     model, reference = model.to(torch.bfloat16), reference.to(torch.bfloat16)
     input_ids, mask, labels = padded_batch(model.config.vocab_size)
-    results = []
-    for m in (model, reference):
-        m.train()
-        out = m(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False)
-        out.loss.backward()
-        results.append((out.logits.float(), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}))
-    (logits, grads), (ref_logits, ref_grads) = results
+    results = [logits_and_grads(m, input_ids, mask, labels) for m in (model, reference)]
+    (logits, grads), (ref_logits, ref_grads) = (
+        (logits.float(), {name: grad.float() for name, grad in grads.items()}) for logits, grads in results
+    )
     real = mask.bool()
     torch.testing.assert_close(logits[real], ref_logits[real], atol=3e-2, rtol=3e-2)
     assert grads.keys() == ref_grads.keys() and len(grads) > 0

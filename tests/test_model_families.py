@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from tests.helpers.compare import logits_and_grads
 from tests.helpers.families import REFUSED_HERE, SUPPORTED_HERE, tiny_config
 from tests.helpers.reference import reference_s2_attention
 from transformers import AttentionInterface, AutoModelForCausalLM
@@ -70,13 +71,7 @@ def padded_batch(vocab_size, seq_len=23):
 def test_train_mode_matches_reference_with_padding(model_type):
     model, reference = build_pair(model_type, REFERENCE)
     input_ids, mask, labels = padded_batch(model.config.vocab_size)
-    results = []
-    for m in (model, reference):
-        m.train()
-        out = m(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False)
-        out.loss.backward()
-        results.append((out.logits, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
-    (logits, grads), (ref_logits, ref_grads) = results
+    (logits, grads), (ref_logits, ref_grads) = (logits_and_grads(m, input_ids, mask, labels) for m in (model, reference))
     real = mask.bool()
     torch.testing.assert_close(logits[real], ref_logits[real], atol=2e-5, rtol=1e-4)
     assert grads.keys() == ref_grads.keys() and len(grads) > 0

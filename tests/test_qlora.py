@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from peft import get_peft_model
+from tests.helpers.compare import logits_and_grads
 from tests.helpers.families import tiny_config
 from tests.test_model_families import REFERENCE, padded_batch
 from transformers import AutoModelForCausalLM
@@ -119,11 +120,9 @@ def test_s2_attention_on_a_4_bit_base_with_lora_equals_the_reference_on_the_dequ
     results = []
     for model in (quantized, reference):
         torch.manual_seed(1)  # the same LoRA initialisation on both
-        model = get_peft_model(model, copy.deepcopy(config)).train()
+        model = get_peft_model(model, copy.deepcopy(config))
         input_ids, mask, labels = padded_batch(259)
-        out = model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False)
-        out.loss.backward()
-        results.append((out.logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        results.append(logits_and_grads(model, input_ids, mask, labels))
     (logits, grads), (ref_logits, ref_grads) = results
     real = mask.bool()
     torch.testing.assert_close(logits[real], ref_logits[real], atol=2e-5, rtol=1e-4)
