@@ -86,9 +86,8 @@ def test_bad_memory_options_name_the_value(section, message):
         MemorySection(**section).validate("r.yaml")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, where offload is allowed")
 def test_offload_is_refused_on_cpu():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA, where offload is allowed")
     with pytest.raises(ValueError, match="memory.offload: true moves the per-layer checkpoints.*Set memory.offload: false"):
         memory_training_arguments(MemorySection(offload=True), {})
 
