@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .compat import activation_checkpointing_name, checkpointing_arguments
+from .settings import _is_int
 
 if TYPE_CHECKING:
     import torch
@@ -37,10 +38,6 @@ __all__ = [
     "memory_training_arguments",
     "tile_mlp_forward",
 ]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
