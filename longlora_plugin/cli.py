@@ -124,7 +124,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _eval_passkey(args: argparse.Namespace) -> int:
     from .data.passkey import PASSKEY_INTRO
-    from .eval import load_for_eval, passkey_grid, passkey_lengths, plot_passkey, plot_passkey_heatmap
+    from .eval import passkey_grid, passkey_lengths, plot_passkey, plot_passkey_heatmap
     from .rope import extend_rope
 
     lengths = passkey_lengths(args.min_length, args.max_length, args.interval)  # before the model loads

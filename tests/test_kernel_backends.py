@@ -15,7 +15,6 @@ import types
 import pytest
 import torch
 import torch.nn.attention.varlen as torch_varlen
-import torch.nn.functional as F
 from tests.helpers import kernel_emulations as emu
 from tests.helpers.compare import logits_and_grads
 from tests.helpers.reference import reference_s2_attention

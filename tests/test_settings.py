@@ -1,11 +1,9 @@
 """S2Settings is the one declaration of the S2-Attn settings: everything else derives from it."""
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
