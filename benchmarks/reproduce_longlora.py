@@ -42,6 +42,12 @@ RUNS = {
     "f_longlora_no_shift": dict(train="lora+", attention="s2", shift=False),
     "d_group_n2": dict(train="lora+", attention="s2", group=TARGET // 2),
     "d_group_n8": dict(train="lora+", attention="s2", group=TARGET // 8),
+    # Controls for the gap between (d) and (a):
+    "g_longlora_full_attn": dict(train="lora+", attention="sdpa"),  # is S2-Attn the limit, or the low rank?
+    "h_longlora_llama3": dict(train="lora+", attention="s2", rope="llama3"),  # does linear interpolation hurt?
+    "h_longlora_yarn": dict(train="lora+", attention="s2", rope="yarn"),
+    "i_longlora_same_time": dict(train="lora+", attention="s2", same_time_as="a_full_ft_full_attn"),  # more steps
+    "b_full_ft_no_shift": dict(train="full", attention="s2", shift=False),  # the shift where capacity is not short
 }
 SETTINGS = {
     "full": dict(pretrain_steps=1500, extend_steps=300, eval_docs=24),
@@ -117,15 +123,19 @@ def run_one(out: Path, name: str, steps: int, eval_docs: int) -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
     group = spec.get("group", TARGET // 4)
+    rope = spec.get("rope", "linear")
     if spec["train"] in ("lora", "lora+"):
         config = LongLoraConfig.for_model(
-            model, original_context=ORIGINAL, target_context=TARGET, s2_group_size=group,
-            s2_shift=spec.get("shift", True), trainable_embeddings=spec["train"] == "lora+",
+            model, original_context=ORIGINAL, target_context=TARGET, s2_group_size=group, rope_type=rope,
+            s2_shift=spec.get("shift", True), s2_logit_scale=spec.get("logit_scale", 1.0),
+            trainable_embeddings=spec["train"] == "lora+",
             trainable_norms=spec["train"] == "lora+",
         )
         model = get_longlora_model(model, config)
+        if spec["attention"] == "sdpa":
+            model.get_base_model().set_attn_implementation("sdpa")
     else:
-        extend_rope(model, TARGET, original_length=ORIGINAL)
+        extend_rope(model, TARGET, original_length=ORIGINAL, rope_type=rope)
         if spec["attention"] == "s2":
             from longlora_plugin import configure_s2
 
@@ -148,7 +158,8 @@ def run_one(out: Path, name: str, steps: int, eval_docs: int) -> dict:
     documents = [[b + BYTE_OFFSET for b in doc[:4096]] for doc in held_out[:eval_docs]]
     perplexity = perplexity_at_lengths(model.eval(), documents, [ORIGINAL, 2 * ORIGINAL, TARGET], stride=256)
     return {
-        "run": name, **spec, "group": group if spec["attention"] == "s2" else None,
+        "run": name, **spec, "rope": rope, "steps": steps if spec["train"] != "none" else 0,
+        "group": group if spec["attention"] == "s2" else None,
         "trainable_params": sum(p.numel() for p in trainable) if spec["train"] != "none" else 0,
         "train_seconds": round(train_seconds, 1), "peak_rss_mib": round(peak_mib, 1),
         "perplexity": {str(k): round(v, 4) for k, v in perplexity.items()},
@@ -164,6 +175,11 @@ LABELS = {
     "f_longlora_no_shift": "(f) LoRA + embed + norm, short attention (no shift)",
     "d_group_n2": "(d) with G=N/2",
     "d_group_n8": "(d) with G=N/8",
+    "g_longlora_full_attn": "(g) LoRA + embed + norm, full attention",
+    "h_longlora_llama3": "(h) (d) with llama3-style interpolation",
+    "h_longlora_yarn": "(h) (d) with yarn interpolation",
+    "i_longlora_same_time": "(i) (d) with more steps, (a)'s training time",
+    "b_full_ft_no_shift": "(b) without shift (short attention)",
 }
 
 
@@ -171,13 +187,13 @@ def report(results_path: Path) -> str:
     """The results as a markdown table."""
     results = json.loads(Path(results_path).read_text())
     lines = [
-        "| run | trainable params | ppl @256 | ppl @512 | ppl @1024 | train s | peak RSS MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| run | trainable params | steps | ppl @256 | ppl @512 | ppl @1024 | train s | peak RSS MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["runs"]:
         ppl = row["perplexity"]
         lines.append(
-            f"| {LABELS[row['run']]} | {row['trainable_params']:,} | {ppl['256']:.3f} | {ppl['512']:.3f} | "
+            f"| {LABELS[row['run']]} | {row['trainable_params']:,} | {row.get('steps', '')} | {ppl['256']:.3f} | {ppl['512']:.3f} | "
             f"{ppl['1024']:.3f} | {row['train_seconds']} | {row['peak_rss_mib']} |"
         )
     return "\n".join(lines)
@@ -188,6 +204,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/reproduction")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one configuration in this process
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)  # internal: the extension steps of --only
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), help="only these configurations (default: all)")
+    parser.add_argument("--reuse-base", action="store_true", help="keep the pretrained base already in --out")
     parser.add_argument("--report", help="print the markdown table of a results.json and exit")
     args = parser.parse_args()
     if args.report:
@@ -196,18 +215,27 @@ def main() -> None:
     out = Path(args.out)
     setting = SETTINGS["quick" if args.quick else "full"]
     if args.only:
-        print(json.dumps(run_one(out, args.only, setting["extend_steps"], setting["eval_docs"])))
+        print(json.dumps(run_one(out, args.only, args.steps or setting["extend_steps"], setting["eval_docs"])))
         return
     out.mkdir(parents=True, exist_ok=True)
     _, _, info = split_corpus()
     started = time.perf_counter()
-    pretrain(out, setting["pretrain_steps"])
-    info["pretrain_seconds"] = round(time.perf_counter() - started, 1)
+    if not (args.reuse_base and (out / "base").is_dir()):
+        pretrain(out, setting["pretrain_steps"])
+        info["pretrain_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(info), flush=True)
     rows = []
-    for name in RUNS:
-        command = [sys.executable, __file__, "--out", str(out), "--only", name] + (["--quick"] if args.quick else [])
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
+    for name in args.runs or RUNS:
+        steps = setting["extend_steps"]
+        reference = RUNS[name].get("same_time_as")
+        if reference:  # the steps that take (d) as long as the reference took
+            seconds = {row["run"]: row["train_seconds"] for row in rows}
+            missing = [run for run in (reference, "d_longlora_s2") if run not in seconds]
+            if missing:
+                raise SystemExit(f"{name} needs the training times of {missing}: run them first")
+            steps = round(steps * seconds[reference] / seconds["d_longlora_s2"])
+        command = [sys.executable, __file__, "--out", str(out), "--only", name, "--steps", str(steps)]
+        result = subprocess.run(command + (["--quick"] if args.quick else []), capture_output=True, text=True, check=True)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     info["total_seconds"] = round(time.perf_counter() - started, 1)

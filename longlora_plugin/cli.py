@@ -26,6 +26,8 @@ def _demo(args: argparse.Namespace) -> int:
     transformers.utils.logging.disable_progress_bar()
 
     overrides = {"training.max_steps": args.steps} if args.steps is not None else {}
+    if args.seed is not None:
+        overrides.update({"training.seed": args.seed, "data.seed": args.seed})
     if args.output_dir:
         overrides["training.output_dir"] = args.output_dir
     run_passkey_demo(overrides=overrides, trials=args.trials, speed_lengths=tuple(args.speed_lengths or [8192]))
@@ -215,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, help="training steps (default: the passkey recipe's, or 150 with --quick)")
     demo.add_argument("--seq-len", type=int, default=512, help="--quick: training length in tokens (default: 512)")
     demo.add_argument("--speed-lengths", type=int, nargs="*", help="lengths to time one training step at")
+    demo.add_argument("--seed", type=int, help="training seed: LoRA init, sample generation and order (default: 0)")
     demo.add_argument("--trials", type=int, default=40, help="passkey trials per length (default: 40)")
     demo.add_argument("--output-dir", help="where the adapter, results and plot go (default: runs/demo)")
     demo.set_defaults(run=_demo)

@@ -22,6 +22,7 @@ from .settings import InvalidSetting, S2Settings, setting, validate_settings
 
 from .sequence_parallel import ParallelSection
 
+from .eval.selection import SelectionSection
 from .memory import MemorySection
 from .quantization import quantization_from_recipe
 
@@ -137,6 +138,7 @@ class Recipe:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     training: dict[str, Any] = field(default_factory=dict)
     memory: MemorySection = field(default_factory=MemorySection)
+    selection: SelectionSection = field(default_factory=SelectionSection)
     source: str = "<dict>"
 
     @property
@@ -173,6 +175,7 @@ class Recipe:
             raise ValueError(f"{where}: data.min_length must be at most context.target ({target}), got {low!r}")
         self.longlora_config()
         self.memory.validate(where)
+        self.selection.validate(where)
         quantization_from_recipe(self.model.quantization, where)
         allowed = {f.name for f in dataclasses.fields(SFTConfig)}
         unknown = sorted(set(checkpointing_arguments(self.training)) - allowed)
@@ -193,6 +196,7 @@ SECTIONS = {
     "data": DataSection,
     "parallel": ParallelSection,
     "memory": MemorySection,
+    "selection": SelectionSection,
 }
 
 

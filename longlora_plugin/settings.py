@@ -45,6 +45,7 @@ def _is_number(value: Any) -> bool:
 
 
 RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an int", _is_int),
     "positive int": ("a positive int", lambda v: _is_int(v) and v >= 1),
     "positive int or None": ("a positive int or None", lambda v: v is None or (_is_int(v) and v >= 1)),
     "bool": ("True or False", lambda v: isinstance(v, bool)),

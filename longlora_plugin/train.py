@@ -32,6 +32,7 @@ from .adapter import write_longlora_settings
 from .compat import checkpointing_arguments
 from .config import LongLoraConfig
 from .data import load_tokenizer as load_named_tokenizer
+from .eval.selection import passkey_selection
 from .hf_attention import S2_ATTENTION
 from .memory import apply_memory_options, memory_training_arguments
 from .plugins import dataset_formats
@@ -176,6 +177,26 @@ def _settings_in_checkpoints():
     return SettingsInCheckpoints()
 
 
+def _selection_callbacks(recipe: Recipe, tokenizer, args) -> list:
+    selection = recipe.selection
+    if not selection.enabled:
+        return []
+    if args.world_size > 1 or recipe.parallel.sequence_parallel > 1:
+        raise ValueError(
+            f"{recipe.source}: selection.passkey_every keeps a copy of the weights in one process; it needs a "
+            f"single-process run, this one has {args.world_size} processes"
+        )
+    return [
+        passkey_selection(
+            lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+            length=selection.passkey_length or recipe.context.target,
+            every=selection.passkey_every,
+            trials=selection.passkey_trials,
+            seed=selection.passkey_seed,
+        )
+    ]
+
+
 def _quiet_other_libraries() -> None:
     """Keep a run's first screen to our output and the progress bar.
 
@@ -231,6 +252,7 @@ def build_trainer(recipe: Recipe):
     # TRL wraps the model with peft itself, which it does in the way DeepSpeed ZeRO-3 needs. Seeded first: TRL (1.14
     # at least) draws the LoRA init before the Trainer seeds, so equal seeds would start from other weights.
     set_seed(args.seed)
+    callbacks = [_settings_in_checkpoints(), *_selection_callbacks(recipe, tokenizer, args)]
     trainer_class = sequence_parallel_trainer(SFTTrainer) if recipe.parallel.sequence_parallel > 1 else SFTTrainer
     trainer = trainer_class(
         model=model,
@@ -238,7 +260,7 @@ def build_trainer(recipe: Recipe):
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=config,
-        callbacks=[_settings_in_checkpoints()],
+        callbacks=callbacks,
     )
     if quantization:
         keep_trainable_modules_in_float32(trainer.model)

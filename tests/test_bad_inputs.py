@@ -295,6 +295,10 @@ RECIPE = [
          "got 100000"),
     case("recipe-logit-scale-zero", lambda w: w.load({"s2.logit_scale": 0}), "s2.logit_scale must be a positive finite number",
          "got 0"),
+    case("recipe-selection-every-zero", lambda w: w.load({"selection.passkey_every": 0}),
+         "selection.passkey_every must be a positive int or None, got 0"),
+    case("recipe-selection-seed-not-int", lambda w: w.load({"selection.passkey_seed": "seven"}),
+         "selection.passkey_seed must be an int, got 'seven'"),
     case("recipe-too-long-policy-unknown", lambda w: w.load({"data.too_long": "ignore"}), "data.too_long", "got 'ignore'"),
     case("recipe-data-format-unknown", lambda w: w.build({"data.format": "alpaca"}), "'alpaca' is not one of", "'longalpaca'"),
     case(

@@ -92,6 +92,13 @@ def run_passkey_demo(*, overrides: dict | None = None, trials: int = 40, speed_l
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if losses:
         log("  training loss: " + ", ".join(f"{loss:.3f}" for loss in losses))
+    scored = [(entry["step"], value) for entry in trainer.state.log_history for key, value in entry.items()
+              if key.startswith("passkey_")]
+    if scored:
+        chosen = next(entry for entry in trainer.state.log_history if "selected_step" in entry)
+        log(f"  held-out passkey at {target} (seed {recipe.selection.passkey_seed}, {recipe.selection.passkey_trials} "
+            "trials) by step: " + ", ".join(f"{step}: {100 * value:.0f}%" for step, value in scored))
+        log(f"  kept the weights of step {chosen['selected_step']}")
     extended = trainer.model.eval()
     accuracy[f"LongLoRA ({target})"] = evaluate(extended)
     log(f"  trained in {train_seconds:.0f}s; adapter in {Path(trainer.args.output_dir) / 'adapter'}")
