@@ -48,6 +48,11 @@ RUNS = {
     "h_longlora_yarn": dict(train="lora+", attention="s2", rope="yarn"),
     "i_longlora_same_time": dict(train="lora+", attention="s2", same_time_as="a_full_ft_full_attn"),  # more steps
     "b_full_ft_no_shift": dict(train="full", attention="s2", shift=False),  # the shift where capacity is not short
+    # Towards a recommendation for small models: S2-Attn + LoRA+ with what the controls found to matter.
+    "a_llama3": dict(train="full", attention="sdpa", rope="llama3"),  # (a) with the same interpolation
+    "r_llama3_n2": dict(train="lora+", attention="s2", rope="llama3", group=TARGET // 2),
+    "r_llama3_scale": dict(train="lora+", attention="s2", rope="llama3", logit_scale=0.75),
+    "r_llama3_n2_scale": dict(train="lora+", attention="s2", rope="llama3", group=TARGET // 2, logit_scale=0.75),
 }
 SETTINGS = {
     "full": dict(pretrain_steps=1500, extend_steps=300, eval_docs=24),
@@ -180,6 +185,10 @@ LABELS = {
     "h_longlora_yarn": "(h) (d) with yarn interpolation",
     "i_longlora_same_time": "(i) (d) with more steps, (a)'s training time",
     "b_full_ft_no_shift": "(b) without shift (short attention)",
+    "a_llama3": "(a) with llama3-style interpolation",
+    "r_llama3_n2": "(d) with llama3-style, G=N/2",
+    "r_llama3_scale": "(d) with llama3-style, logit scale 0.75",
+    "r_llama3_n2_scale": "(d) with llama3-style, G=N/2, logit scale 0.75",
 }
 
 

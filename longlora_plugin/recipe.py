@@ -41,6 +41,7 @@ __all__ = [
 TOO_LONG_POLICIES = ("error", "truncate", "drop")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 TEXT_UNITS = ("document", "paragraph", "line")
+PASSKEY_DEPTHS = ("uniform", "s2_reach")
 
 
 class _RecipeLoader(yaml.SafeLoader):
@@ -119,6 +120,11 @@ class DataSection:
     )
     sample_by: str = setting(
         "document", "A .txt file is one document, or one per paragraph, or one per line.", choices=TEXT_UNITS
+    )
+    passkey_depth: str = setting(
+        "uniform",
+        "Generated passkeys: the key anywhere, or only where the answer sees it in one layer under S2-Attn's groups.",
+        choices=PASSKEY_DEPTHS,
     )
     seed: int = 0
 

@@ -299,6 +299,8 @@ RECIPE = [
          "selection.passkey_every must be a positive int or None, got 0"),
     case("recipe-selection-seed-not-int", lambda w: w.load({"selection.passkey_seed": "seven"}),
          "selection.passkey_seed must be an int, got 'seven'"),
+    case("recipe-passkey-depth-unknown", lambda w: w.load({"data.passkey_depth": "middle"}),
+         "data.passkey_depth must be one of", "got 'middle'"),
     case("recipe-too-long-policy-unknown", lambda w: w.load({"data.too_long": "ignore"}), "data.too_long", "got 'ignore'"),
     case("recipe-data-format-unknown", lambda w: w.build({"data.format": "alpaca"}), "'alpaca' is not one of", "'longalpaca'"),
     case(

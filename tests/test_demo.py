@@ -23,3 +23,13 @@ def test_passkey_demo_pipeline_writes_table_json_and_plot(tmp_path):
     assert any("passkey retrieval accuracy" in line for line in lines)
     assert result.extended_at_target == result.accuracy["LongLoRA (1024)"][1024]
     assert any(line.startswith("goal: LongLoRA >= 90% at 1024 tokens") for line in lines)
+
+
+def test_demo_seed_sets_the_training_and_data_seeds(monkeypatch):
+    import longlora_plugin.demos.passkey as passkey_demo
+    from longlora_plugin.cli import main as cli
+
+    seen = {}
+    monkeypatch.setattr(passkey_demo, "run_passkey_demo", lambda overrides, **kwargs: seen.update(overrides))
+    assert cli(["demo", "--seed", "2"]) == 0
+    assert seen == {"training.seed": 2, "data.seed": 2}

@@ -188,10 +188,13 @@ def prepare_passkey(recipe: Any, tokenizer: Any):
     rng = random.Random(recipe.data.seed)
     high = recipe.context.target
     low = recipe.data.min_length if recipe.data.min_length is not None else recipe.context.original
+    reach = recipe.group_size if recipe.data.passkey_depth == "s2_reach" else None
     prompts, completions = [], []
     for _ in range(recipe.data.num_samples):
         length = rng.randint(low, high)
-        sample = make_passkey_sample(lambda text: _encode(tokenizer, text), length, rng, intro="")
+        sample = make_passkey_sample(
+            lambda text: _encode(tokenizer, text), length, rng, intro="", reach_group_size=reach
+        )
         prompts.append(tokenizer.decode(sample.prompt_ids))
         completions.append(sample.key)
     return Dataset.from_dict({"prompt": prompts, "completion": completions})

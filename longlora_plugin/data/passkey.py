@@ -16,6 +16,7 @@ __all__ = [
     "PasskeySample",
     "make_passkey_sample",
     "passkey_batch",
+    "s2_reach_start",
 ]
 
 PASSKEY_INTRO = (
@@ -39,6 +40,14 @@ class PasskeySample:
         return len(self.prompt_ids) + len(self.answer_ids)
 
 
+def s2_reach_start(position: int, group_size: int) -> int:
+    """The first position that the token at ``position`` attends to in training under S2-Attn: the start of its own
+    group or of its shifted group (offset G/2), whichever is earlier."""
+    own = position // group_size * group_size
+    shifted = max((position + group_size // 2) // group_size * group_size - group_size // 2, 0)
+    return min(own, shifted)
+
+
 def make_passkey_sample(
     encode: Callable[[str], list[int]],
     length: int,
@@ -47,20 +56,29 @@ def make_passkey_sample(
     depth: float | None = None,
     digits: int = 5,
     intro: str = PASSKEY_INTRO,
+    reach_group_size: int | None = None,
 ) -> PasskeySample:
     """A sample of about ``length`` tokens (prompt + answer) under ``encode``; shorter filler if it must.
 
     The filler is cut at a token boundary to hit the length; the needle goes in at ``depth`` (random if None).
+    With ``reach_group_size`` G, a random depth is drawn only where S2-Attn with groups of G lets every answer
+    position see the whole needle in one layer (see :func:`s2_reach_start`); if no depth is (a sample too short
+    for its groups), the needle goes last.
     """
     key = str(rng.randrange(10 ** (digits - 1), 10**digits))
-    depth = rng.random() if depth is None else depth
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth!r}")
     intro, needle, question = encode(intro), encode(PASSKEY_NEEDLE.format(key=key)), encode(PASSKEY_QUESTION)
     answer = encode(key)
     budget = length - len(intro) - len(needle) - len(question) - len(answer)
     if budget < 0:
         raise ValueError(f"a passkey sample needs at least {length - budget} tokens, asked for {length}")
+    lowest = 0.0
+    if reach_group_size is not None and depth is None and budget > 0:
+        prompt_length = length - len(answer)  # the answer is predicted at positions prompt_length - 1 .. length - 2
+        reach = max(s2_reach_start(t, reach_group_size) for t in range(prompt_length - 1, length - 1))
+        lowest = min(max(reach - len(intro), 0) / budget, 1.0)
+    depth = lowest + (1.0 - lowest) * rng.random() if depth is None else depth
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth!r}")
     filler_unit = encode(PASSKEY_FILLER)
     filler = (filler_unit * (budget // len(filler_unit) + 1))[:budget]
     cut = round(depth * len(filler))

@@ -4,7 +4,8 @@
    passkey retrieval with full attention at lengths up to the target (1024);
 2. so is the base with position interpolation (factor 4) and no fine-tuning;
 3. the recipe recipes/demo/passkey-tiny-cpu.yaml extends the base with LongLoRA (S2-Attn, LoRA, trainable
-   embeddings and norms, position interpolation) through the same training entry point as every recipe;
+   embeddings and norms, position interpolation) through the same training entry point as every recipe, keeping the
+   weights with the best held-out passkey score (the recipe's ``selection`` section);
 4. the extended model is evaluated like the others; a table is printed and a PNG plot written.
 Last, the attention kernel is timed at 8k tokens, S2-Attn against full causal SDPA.
 """
@@ -85,7 +86,7 @@ def run_passkey_demo(*, overrides: dict | None = None, trials: int = 40, speed_l
     scale = "" if recipe.s2.logit_scale == 1.0 else f" (training logits x{recipe.s2.logit_scale:g})"
     log(f"LongLoRA: {original} -> {target} tokens, S2-Attn G={recipe.group_size}{scale}, LoRA r={adapter.r} + "
         f"embeddings + norms, {rope_type} interpolation, {steps} steps of batch "
-        f"{recipe.training.get('per_device_train_batch_size')}")
+        f"{recipe.training.get('per_device_train_batch_size')}, training seed {recipe.training.get('seed', 42)}")
     start = time.perf_counter()
     trainer = train(recipe)
     train_seconds = time.perf_counter() - start
