@@ -60,7 +60,7 @@ RUNS = {
 }
 SETTINGS = {
     "full": dict(pretrain_steps=1500, extend_steps=300, eval_docs=24),
-    "quick": dict(pretrain_steps=300, extend_steps=60, eval_docs=6),
+    "quick": dict(pretrain_steps=250, extend_steps=40, eval_docs=4),
 }
 LEARNING_RATE = {"full": 3e-4, "lora": 2e-3, "lora+": 2e-3}  # per parameterisation, the same for every run of it
 
