@@ -126,6 +126,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _eval_passkey(args: argparse.Namespace) -> int:
     from .data.passkey import PASSKEY_INTRO
+    from .data.tokenizer import text_encoder
     from .eval import passkey_grid, passkey_lengths, plot_passkey, plot_passkey_heatmap
     from .rope import extend_rope
 
@@ -139,7 +140,7 @@ def _eval_passkey(args: argparse.Namespace) -> int:
         print(f"rope extended by a further x{factor:g} to {args.extend_to} tokens for evaluation")
     results, grid = passkey_grid(
         model,
-        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        text_encoder(tokenizer),
         lengths,
         args.trials,
         depths=args.depths,

@@ -32,6 +32,7 @@ from .adapter import write_longlora_settings
 from .compat import checkpointing_arguments
 from .config import LongLoraConfig
 from .data import load_tokenizer as load_named_tokenizer
+from .data.tokenizer import text_encoder
 from .eval.selection import passkey_selection
 from .hf_attention import S2_ATTENTION
 from .memory import apply_memory_options, memory_training_arguments
@@ -188,7 +189,7 @@ def _selection_callbacks(recipe: Recipe, tokenizer, args) -> list:
         )
     return [
         passkey_selection(
-            lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+            text_encoder(tokenizer),
             length=selection.passkey_length or recipe.context.target,
             every=selection.passkey_every,
             trials=selection.passkey_trials,

@@ -24,6 +24,7 @@ from typing import Any
 from ..hookspecs import DatasetFormat
 from ..hookspecs import hookimpl
 from .passkey import make_passkey_sample
+from .tokenizer import text_encoder
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -130,10 +131,6 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return ALPACA_PROMPT.format(instruction=instruction)
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def prepare_longalpaca(recipe: Any, tokenizer: Any):
     from datasets import Dataset
 
@@ -141,12 +138,13 @@ def prepare_longalpaca(recipe: Any, tokenizer: Any):
     records = _recipe_records(data)
     prompts, completions, dropped, truncated = [], [], 0, 0
     eos = tokenizer.eos_token or ""
+    encode = text_encoder(tokenizer)
     for index, record in enumerate(records):
         instruction = _text_field(record, "instruction", data.path, index)
         output = _text_field(record, "output", data.path, index)
         prompt = alpaca_prompt(instruction, _text_field(record, "input", data.path, index, required=False))
         completion = " " + output.strip() + eos
-        prompt_length, completion_length = len(_encode(tokenizer, prompt)), len(_encode(tokenizer, completion))
+        prompt_length, completion_length = len(encode(prompt)), len(encode(completion))
         if prompt_length + completion_length > target:
             if data.too_long == "error":
                 raise ValueError(
@@ -174,8 +172,9 @@ def prepare_text(recipe: Any, tokenizer: Any):
     if tokenizer.eos_token_id is None:
         raise ValueError("continued pre-training joins documents with EOS, but the tokenizer has no eos_token")
     stream: list[int] = []
+    encode = text_encoder(tokenizer)
     for index, record in enumerate(records):
-        stream += _encode(tokenizer, _text_field(record, data.text_field, data.path, index)) + [tokenizer.eos_token_id]
+        stream += encode(_text_field(record, data.text_field, data.path, index)) + [tokenizer.eos_token_id]
     blocks = [stream[start : start + target] for start in range(0, len(stream) - target + 1, target)]
     if not blocks:
         raise ValueError(f"{data.path}: {len(stream)} tokens in all, less than one block of context.target={target}")
@@ -189,12 +188,10 @@ def prepare_passkey(recipe: Any, tokenizer: Any):
     high = recipe.context.target
     low = recipe.data.min_length if recipe.data.min_length is not None else recipe.context.original
     reach = recipe.group_size if recipe.data.passkey_depth == "s2_reach" else None
+    encode = text_encoder(tokenizer)
     prompts, completions = [], []
     for _ in range(recipe.data.num_samples):
-        length = rng.randint(low, high)
-        sample = make_passkey_sample(
-            lambda text: _encode(tokenizer, text), length, rng, intro="", reach_group_size=reach
-        )
+        sample = make_passkey_sample(encode, rng.randint(low, high), rng, intro="", reach_group_size=reach)
         prompts.append(tokenizer.decode(sample.prompt_ids))
         completions.append(sample.key)
     return Dataset.from_dict({"prompt": prompts, "completion": completions})

@@ -5,7 +5,15 @@ The tokenizers/transformers imports sit in the functions: the constants here are
 
 from __future__ import annotations
 
-__all__ = ["BYTE_ID_OFFSET", "BYTE_TOKENIZER", "SPECIAL_TOKENS", "byte_ids", "byte_tokenizer", "load_tokenizer"]
+__all__ = [
+    "BYTE_ID_OFFSET",
+    "BYTE_TOKENIZER",
+    "SPECIAL_TOKENS",
+    "byte_ids",
+    "byte_tokenizer",
+    "load_tokenizer",
+    "text_encoder",
+]
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 BYTE_ID_OFFSET = len(SPECIAL_TOKENS)  # byte b has id b + BYTE_ID_OFFSET
@@ -15,6 +23,15 @@ BYTE_TOKENIZER = "bytes"  # the name recipes and the CLI give the byte tokenizer
 def byte_ids(text: str) -> list[int]:
     """``text`` as the byte tokenizer encodes it, without special tokens (no tokenizer object needed)."""
     return [b + BYTE_ID_OFFSET for b in text.encode()]
+
+
+def text_encoder(tokenizer):
+    """``text -> token ids`` under ``tokenizer``, without special tokens: how generated and evaluated text is encoded."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return encode
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from ..data.tokenizer import text_encoder
 from ..eval.passkey import passkey_accuracy
 from ..eval.plots import plot_passkey
 from ..recipe import load_recipe
@@ -61,8 +62,7 @@ def run_passkey_demo(*, overrides: dict | None = None, trials: int = 40, speed_l
     original, target = recipe.context.original, recipe.context.target
     tokenizer = load_tokenizer(recipe)
 
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    encode = text_encoder(tokenizer)
 
     lengths = list(range(original, target + 1, original))
 
